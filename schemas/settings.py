@@ -1,0 +1,91 @@
+"""Runtime settings, read from ``PREREAD_*`` environment variables.
+
+Every URL, secret and path comes from here, never from code. Defaults are the
+embedded ones: a SQLite file and a server-less queue in the data dir, so that
+``preread run`` works on a fresh machine with nothing else running.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: One visual token covers a 28x28 pixel patch (14 px patches merged 2x2).
+PIXELS_PER_TOKEN = 28 * 28
+
+
+class Settings(BaseSettings):
+    """All configuration of infimed-preread."""
+
+    model_config = SettingsConfigDict(env_prefix="PREREAD_", env_file=None, extra="ignore")
+
+    # --- storage and persistence -------------------------------------------------
+    data_dir: Path = Field(Path("./preread-data"), description="Root of stored instances, PNGs and quarantine.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default is a SQLite file in the data dir.")
+    broker_url: str | None = Field(None, description="Celery broker URL; default is a server-less transport in the data dir.")
+
+    # --- model --------------------------------------------------------------------
+    model: str = Field("InfiX-ai/InfiMed-SFT-3B", description="Hub id or local folder of an InfiMed / Qwen2.5-VL model.")
+    model_revision: str | None = Field(None, description="Hub revision (commit or tag) to pin.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    min_pixels: int = Field(256 * PIXELS_PER_TOKEN, description="Smallest image area given to the model.")
+    max_pixels: int = Field(1280 * PIXELS_PER_TOKEN, description="Largest image area given to the model.")
+    max_new_tokens: int = Field(1024, description="Upper bound on generated tokens for a draft.")
+    max_images: int = Field(4, description="Most images from one study shown to the model.")
+    draft_mode: str = Field("json", description="'json' (schema-constrained) or 'text' (Findings/Impression).")
+
+    # --- ingest (DICOM listener) -----------------------------------------------------
+    ae_title: str = Field("PREREAD", description="Our Application Entity title.")
+    host: str = Field("0.0.0.0", description="Address the listener binds.")
+    port: int = Field(11112, description="DICOM port the listener binds.")
+    allowed_aes: str | None = Field(
+        None, description="Comma-separated calling AE titles, each optionally 'AE@address'; empty allows all."
+    )
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    stable_after: float = Field(30.0, description="Seconds without a new instance before a study is STABLE.")
+    min_free_bytes: int = Field(512 * 1024 * 1024, description="Refuse C-STORE (0xA700) below this free space.")
+
+    # --- triage ----------------------------------------------------------------------
+    priority_threshold: float = Field(0.5, description="Probe score from which a study is 'priority'.")
+    stat_threshold: float = Field(0.85, description="Probe score from which a study is 'stat'.")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_valid(cls, value: str) -> str:
+        value = value.strip()
+        if not value or len(value) > 16:
+            raise ValueError("AE title must be 1 to 16 characters")
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured database URL, or the embedded SQLite file."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'preread.db').resolve()}"
+
+    @property
+    def storage_dir(self) -> Path:
+        """Where received instances live, one file per SOP instance."""
+        return self.data_dir / "studies"
+
+    @property
+    def images_dir(self) -> Path:
+        """Where rendered PNGs and their manifests live."""
+        return self.data_dir / "images"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Where refused datasets are kept with a reason file."""
+        return self.data_dir / "quarantine"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,295 @@
+"""Database tables: the pipeline's state, shared by ingest, worker and api.
+
+SQLAlchemy 2.0 typed models. Every schema change comes with an Alembic
+migration under ``alembic/versions``; ``tests/test_migrations.py`` proves that
+the migrations produce exactly these models on Postgres and on SQLite.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import date, datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+#: A DICOM UID is at most 64 characters.
+UID = String(64)
+
+#: JSONB on Postgres, JSON text elsewhere.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp that compares correctly on SQLite too.
+
+    Values are stored as naive UTC (SQLite has no time zones) and come back
+    aware, so code never mixes naive and aware datetimes.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc)
+
+
+def utcnow() -> datetime:
+    """Now, as an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+class StudyState(enum.StrEnum):
+    """Where a study stands in the pipeline (DESIGN.md, study lifecycle)."""
+
+    RECEIVING = "RECEIVING"
+    STABLE = "STABLE"
+    RENDERED = "RENDERED"
+    DRAFTED = "DRAFTED"
+    EXPORTED = "EXPORTED"
+    FAILED = "FAILED"
+
+
+class ParseStatus(enum.StrEnum):
+    """Whether a report's raw model output parsed into the findings schema."""
+
+    OK = "ok"
+    INVALID = "invalid"
+    EMPTY = "empty"
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base with stable constraint names for migrations."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Study(Base):
+    """A DICOM study (Study Instance UID) and its pipeline state."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    #: Stored for matching results back to the RIS; never logged or prompted.
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_age: Mapped[str | None] = mapped_column(String(4))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[date | None] = mapped_column(Date)
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    modalities: Mapped[str | None] = mapped_column(String(64))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16), default="listener", server_default="listener")
+
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING, server_default="RECEIVING")
+    state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    urgency: Mapped[str | None] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
+    reports: Mapped[list[Report]] = relationship(back_populates="study", cascade="all, delete-orphan")
+    images: Mapped[list[Image]] = relationship(back_populates="study", cascade="all, delete-orphan")
+
+    __table_args__ = (
+        Index("ix_studies_state_changed", "state", "state_changed_at"),
+        Index("ix_studies_last_received_at", "last_received_at"),
+    )
+
+
+class Series(Base):
+    """A DICOM series (Series Instance UID) within a study."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
+
+
+class Instance(Base):
+    """A stored composite SOP instance: one file under the data dir."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Image(Base):
+    """A rendered 8-bit PNG of one frame, as listed in the study's manifest."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id", ondelete="SET NULL"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    frame: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    ordinal: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    path: Mapped[str] = mapped_column(String(1024))
+    window: Mapped[str | None] = mapped_column(String(64))
+    window_center: Mapped[float | None] = mapped_column(Float)
+    window_width: Mapped[float | None] = mapped_column(Float)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="images")
+
+
+class Report(Base):
+    """A draft report with its provenance; the newest per study is ``current``."""
+
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    current: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+
+    draft_text: Mapped[str | None] = mapped_column(Text)
+    impression: Mapped[str | None] = mapped_column(Text)
+    urgency: Mapped[str | None] = mapped_column(String(16))
+    raw_output: Mapped[str] = mapped_column(Text, default="")
+    thinking: Mapped[str | None] = mapped_column(Text)
+    parse_status: Mapped[str] = mapped_column(String(16))
+    parse_error: Mapped[str | None] = mapped_column(Text)
+    structured: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+    model_id: Mapped[str] = mapped_column(String(256))
+    model_revision: Mapped[str | None] = mapped_column(String(64))
+    prompt_version: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(16), default="json", server_default="json")
+    min_pixels: Mapped[int | None] = mapped_column(Integer)
+    max_pixels: Mapped[int | None] = mapped_column(Integer)
+    n_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="reports")
+    findings: Mapped[list[Finding]] = relationship(
+        back_populates="report", cascade="all, delete-orphan", order_by="Finding.ordinal"
+    )
+
+    __table_args__ = (
+        Index(
+            "uq_reports_current_per_study",
+            "study_id",
+            unique=True,
+            postgresql_where=text("current"),
+            sqlite_where=text("current"),
+        ),
+    )
+
+
+class Finding(Base):
+    """One structured finding of a report."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    ordinal: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    text: Mapped[str] = mapped_column(Text)
+    anatomy: Mapped[str | None] = mapped_column(String(128))
+    laterality: Mapped[str | None] = mapped_column(String(16))
+    presence: Mapped[str | None] = mapped_column(String(16))
+    severity: Mapped[str | None] = mapped_column(String(16))
+    image_ref: Mapped[int | None] = mapped_column(Integer)
+
+    report: Mapped[Report] = relationship(back_populates="findings")
+
+
+class ProbeScore(Base):
+    """P(yes) of one triage question for a study; the newest run is ``current``."""
+
+    __tablename__ = "probe_scores"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    condition: Mapped[str] = mapped_column(String(64))
+    question: Mapped[str] = mapped_column(Text)
+    score: Mapped[float] = mapped_column(Float)
+    current: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    model_id: Mapped[str] = mapped_column(String(256))
+    prompt_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Outbox(Base):
+    """A message to publish, written in the same transaction as the state change."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    topic: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    __table_args__ = (Index("ix_outbox_unsent", "sent_at", "id"),)
