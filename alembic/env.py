@@ -32,9 +32,18 @@ def run_migrations_online() -> None:
         _run(connectable)
 
 
+def _render_item(type_: str, obj, autogen_context):  # type: ignore[no-untyped-def]
+    """Render our UTC timestamp decorator as the plain DateTime it stores."""
+    from schemas.tables import UTCDateTime
+
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime()"
+    return False
+
+
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
-                      compare_type=True, compare_server_default=True)
+                      compare_type=True, compare_server_default=True, render_item=_render_item)
     with context.begin_transaction():
         context.run_migrations()
 
