@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import typer
 
+from cli.db import db_app
+from cli.draft import draft
+from cli.listen import listen
+from cli.run import run
+from cli.status import status
+from cli.worker import worker
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="infimed-preread: DICOM in, draft pre-reads out.")
+app.add_typer(db_app, name="db")
+app.command("draft")(draft)
+app.command("worker")(worker)
+app.command("status")(status)
+app.command("run")(run)
+app.command("listen")(listen)
 
 
 def main() -> None:
     """Console-script entry point."""
+    logging.basicConfig(
+        level=os.environ.get("PREREAD_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     app()
+
+
+if __name__ == "__main__":
+    main()

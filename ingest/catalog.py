@@ -102,11 +102,7 @@ def _insert(session: Session, table):  # type: ignore[no-untyped-def]
 
 
 def upsert_study(session: Session, ds: Dataset, ident: InstanceIdentity, source: str = "listener") -> int:
-    """The id of the study row for ``ident``, created from ``ds`` if new.
-
-    A study that had moved past RECEIVING is re-opened: a new instance means
-    a new draft will be needed.
-    """
+    """The id of the study row for ``ident``, created from ``ds`` if new."""
     now = utcnow()
     values = dict(
         study_instance_uid=ident.study_uid,
@@ -129,17 +125,23 @@ def upsert_study(session: Session, ds: Dataset, ident: InstanceIdentity, source:
         attempts=0,
     )
     session.execute(_insert(session, Study).values(**values).on_conflict_do_nothing(index_elements=["study_instance_uid"]))
-    study = session.execute(
-        select(Study.id, Study.state, Study.modalities).where(Study.study_instance_uid == ident.study_uid)
-    ).one()
+    return session.execute(select(Study.id).where(Study.study_instance_uid == ident.study_uid)).scalar_one()
+
+
+def note_new_instance(session: Session, study_id: int, modality: str | None) -> None:
+    """A new instance arrived: the study is receiving again and its quiet period restarts.
+
+    A study that had moved past RECEIVING is re-opened, so a new draft is made
+    once it is stable again; earlier drafts are kept.
+    """
+    now = utcnow()
+    study = session.execute(select(Study.state, Study.modalities).where(Study.id == study_id)).one()
     changes: dict[str, object] = {"last_received_at": now, "updated_at": now}
-    modality = _text(ds, "Modality", 16)
     if modality and study.modalities and modality not in study.modalities.split("\\"):
         changes["modalities"] = f"{study.modalities}\\{modality}"[:64]
     if study.state != StudyState.RECEIVING:
         changes.update(state=StudyState.RECEIVING, state_changed_at=now, error=None)
-    session.execute(update(Study).where(Study.id == study.id).values(**changes))
-    return study.id
+    session.execute(update(Study).where(Study.id == study_id).values(**changes))
 
 
 def upsert_series(session: Session, ds: Dataset, ident: InstanceIdentity, study_id: int) -> int:
@@ -168,7 +170,8 @@ def record_instance(
 ) -> tuple[int, bool]:
     """Index a stored instance; returns its study id and whether the instance row is new.
 
-    The caller commits. A duplicate SOP Instance UID leaves the existing row.
+    The caller commits. A duplicate SOP Instance UID leaves the existing row
+    and the study untouched.
     """
     ident = identity_of(ds)
     study_id = upsert_study(session, ds, ident, source)
@@ -189,4 +192,7 @@ def record_instance(
         )
         .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
     )
-    return study_id, bool(result.rowcount)
+    created = bool(result.rowcount)
+    if created:
+        note_new_instance(session, study_id, _text(ds, "Modality", 16))
+    return study_id, created

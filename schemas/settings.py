@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     stable_after: float = Field(30.0, description="Seconds without a new instance before a study is STABLE.")
     min_free_bytes: int = Field(512 * 1024 * 1024, description="Refuse C-STORE (0xA700) below this free space.")
 
+    # --- queue ------------------------------------------------------------------------
+    visibility_timeout: int = Field(3600, description="Seconds before Redis redelivers an unacknowledged task.")
+    reconcile_after: float = Field(300.0, description="Seconds a study may sit in STABLE/RENDERED/DRAFTED before it is re-enqueued.")
+    max_attempts: int = Field(5, description="Attempts per study before it is FAILED for good.")
+    dispatch_interval: float = Field(0.5, description="Seconds between outbox, stability and reconciler passes.")
+
+    # --- export -------------------------------------------------------------------------
+    export_fhir: bool = Field(False, description="Write a FHIR DiagnosticReport (preliminary) per drafted study.")
+    webhook_url: str | None = Field(None, description="POST signed JSON here when a draft is ready.")
+    webhook_secret: str | None = Field(None, description="HMAC-SHA256 key for the webhook signature header.")
+
     # --- triage ----------------------------------------------------------------------
     priority_threshold: float = Field(0.5, description="Probe score from which a study is 'priority'.")
     stat_threshold: float = Field(0.85, description="Probe score from which a study is 'stat'.")
@@ -68,6 +79,16 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'preread.db').resolve()}"
+
+    @property
+    def export_enabled(self) -> bool:
+        """Whether drafted studies go on to the export queue."""
+        return self.export_fhir or bool(self.webhook_url)
+
+    @property
+    def exports_dir(self) -> Path:
+        """Where FHIR DiagnosticReports are written."""
+        return self.data_dir / "exports"
 
     @property
     def storage_dir(self) -> Path:

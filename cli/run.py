@@ -1,0 +1,110 @@
+"""``preread run``: listener, coordinator and workers for one machine, in one command."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Annotated
+
+import typer
+
+from schemas.database import upgrade
+from schemas.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+#: A child that dies is restarted, but not more often than this (seconds).
+RESTART_BACKOFF_S = 2.0
+
+
+class Child:
+    """A supervised child process: started again if it dies while we run."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name, self.argv = name, argv
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv)
+        self.started_at = time.monotonic()
+
+    def check(self) -> None:
+        """Restart the child if it exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            if time.monotonic() - self.started_at < RESTART_BACKOFF_S:
+                return
+            log.warning("%s exited with %s; restarting", self.name, self.proc.returncode)
+            self.restarts += 1
+            self.start()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run(
+    render_workers: Annotated[int, typer.Option(help="Render processes.")] = 1,
+    infer_threads: Annotated[int, typer.Option(help="Threads submitting to the one loaded model.")] = 2,
+    listen: Annotated[bool, typer.Option(help="Run the DICOM listener too.")] = True,
+    live: Annotated[bool | None, typer.Option(help="Live status display (default: when on a terminal).")] = None,
+) -> None:
+    """Run the whole pipeline on this machine (embedded defaults: SQLite and a server-less queue)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from cli.status import render_status
+    from worker.celery_app import app
+    from worker.loop import coordinate_forever
+    from worker.status import snapshot
+
+    settings = get_settings()
+    upgrade(settings.effective_database_url)
+    exe = [sys.executable, "-m", "cli.main"]
+    children = [
+        Child("render worker", exe + ["worker", "--queues", "render", "--concurrency", str(render_workers)]),
+        Child("infer worker", exe + ["worker", "--queues", "infer,export", "--concurrency", str(infer_threads)]),
+    ]
+    if listen:
+        children.insert(0, Child("listener", exe + ["listen"]))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    for child in children:
+        child.start()
+    coordinator = threading.Thread(target=coordinate_forever, args=(settings, app, stop), name="coordinator", daemon=True)
+    coordinator.start()
+    console = Console(stderr=True)
+    show_live = console.is_terminal if live is None else live
+    try:
+        if show_live:
+            with Live(render_status(snapshot(settings, app)), console=console, refresh_per_second=1) as view:
+                while not stop.wait(1.0):
+                    for child in children:
+                        child.check()
+                    view.update(render_status(snapshot(settings, app)))
+        else:
+            ticks = 0
+            while not stop.wait(1.0):
+                for child in children:
+                    child.check()
+                ticks += 1
+                if ticks % 30 == 0:
+                    s = snapshot(settings)
+                    log.info("studies: %s; outbox pending: %d", s.states, s.outbox_pending)
+    finally:
+        stop.set()
+        for child in reversed(children):
+            child.stop()
+        coordinator.join(timeout=5)

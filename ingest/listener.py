@@ -1,0 +1,409 @@
+"""The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE.
+
+Every accepted instance is written as received (no decode, no re-encode),
+fsynced and renamed into place, then indexed in one database transaction;
+only then does the peer get 0x0000. What cannot be kept is refused with a
+DIMSE failure status and, when the bytes are the problem, kept in quarantine
+with a reason file. Logs carry UIDs, SOP classes, sizes, calling AE and
+statuses, never patient data.
+
+The public entry point for embedding is :class:`Listener`::
+
+    listener = Listener(settings)
+    listener.start()          # binds, serves in a thread, starts the stability monitor
+    ...
+    listener.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessP14,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from ingest import access, storage
+from ingest.catalog import InvalidIdentity, identity_of, record_instance
+from ingest.stability import StabilityMonitor
+from ingest.tls import server_context
+from schemas.database import engine_for
+from schemas.settings import Settings
+
+LOGGER = logging.getLogger("preread.ingest.listener")
+
+# C-STORE statuses (PS3.4 B.2.3), pynetdicom style.
+#: Success.
+SUCCESS = 0x0000
+#: Refused: Out of Resources, the disk is below the free-space watermark (nothing written).
+OUT_OF_RESOURCES = 0xA700
+#: Refused: Out of Resources, the file or its index row could not be written (retry later).
+STORE_FAILED = 0xA701
+#: Error: Cannot understand, the dataset cannot be parsed (bytes quarantined).
+CANNOT_PARSE = 0xC210
+#: Error: Cannot understand, Study/Series/SOP Instance/SOP Class UID missing or invalid.
+INVALID_IDENTITY = 0xC220
+#: Error: Cannot understand, dataset UIDs differ from the C-STORE request's Affected SOP UIDs.
+IDENTITY_MISMATCH = 0xC221
+
+#: Transfer syntaxes accepted for every storage SOP class, preferred first.
+TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessP14,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+#: Associations served at once by one process.
+MAX_ASSOCIATIONS = 64
+#: Largest P-DATA PDU we accept: fewer, larger PDUs mean less Python per instance.
+MAX_PDU_SIZE = 1024 * 1024
+#: Seconds a TLS handshake may take in the accept loop.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass
+class IngestContext:
+    """What the C-STORE handler needs, built once per listener."""
+
+    storage_dir: Path
+    quarantine_dir: Path
+    min_free_bytes: int
+    sessions: sessionmaker[Session]
+
+
+# --- the C-STORE path ------------------------------------------------------------------
+
+
+class Malformed(ValueError):
+    """The encoded dataset is not a well-formed DICOM data set."""
+
+
+def check_structure(stream: bytes | memoryview, transfer_syntax: str) -> None:
+    """Walk every element of the encoded dataset and check each length fits exactly.
+
+    pydicom reads truncated or over-long values silently; this walk proves
+    the bytes are a complete data set before we answer success for them.
+    Deflated streams are inflated first.
+    """
+    data = memoryview(stream)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            data = memoryview(inflater.decompress(bytes(data), 1 << 31))
+        except zlib.error as exc:
+            raise Malformed(f"deflate stream: {exc}") from None
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
+    end = _walk(data, 0, len(data), implicit, endian, delimiter=None)
+    if end != len(data):
+        raise Malformed("trailing bytes after the data set")
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_DELIM = 0xFFFEE00D
+_SEQ_DELIM = 0xFFFEE0DD
+
+
+def _walk(data: memoryview, pos: int, end: int, implicit: bool, endian: str, delimiter: int | None, depth: int = 0) -> int:
+    """Skip elements from ``pos`` to ``end`` (or to ``delimiter``); returns the position after."""
+    if depth > 32:
+        raise Malformed("sequences nested too deeply")
+    u16 = struct.Struct(endian + "HH")
+    u32 = struct.Struct(endian + "L")
+    u16s = struct.Struct(endian + "H")
+    while pos < end:
+        if end - pos < 8:
+            raise Malformed("truncated element header")
+        group, elem = u16.unpack_from(data, pos)
+        tag = (group << 16) | elem
+        if group == 0xFFFE:
+            if tag == delimiter:
+                return pos + 8
+            raise Malformed(f"unexpected delimiter ({group:04X},{elem:04X})")
+        if implicit:
+            (length,) = u32.unpack_from(data, pos + 4)
+            pos += 8
+        else:
+            vr = bytes(data[pos + 4 : pos + 6])
+            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                raise Malformed(f"invalid VR at ({group:04X},{elem:04X})")
+            if vr in _LONG_VRS:
+                if end - pos < 12:
+                    raise Malformed("truncated element header")
+                (length,) = u32.unpack_from(data, pos + 8)
+                pos += 12
+            else:
+                (length,) = u16s.unpack_from(data, pos + 6)
+                pos += 8
+        if length == _UNDEFINED:
+            pos = _walk_items(data, pos, end, implicit, endian, depth)
+        else:
+            if pos + length > end:
+                raise Malformed(f"value of ({group:04X},{elem:04X}) runs past the end")
+            pos += length
+    if delimiter is not None:
+        raise Malformed("missing delimiter")
+    return pos
+
+
+def _walk_items(data: memoryview, pos: int, end: int, implicit: bool, endian: str, depth: int) -> int:
+    """Skip the items of an undefined-length sequence or encapsulated pixel data."""
+    u16 = struct.Struct(endian + "HH")
+    u32 = struct.Struct(endian + "L")
+    while True:
+        if end - pos < 8:
+            raise Malformed("undefined-length value not terminated")
+        group, elem = u16.unpack_from(data, pos)
+        tag = (group << 16) | elem
+        (length,) = u32.unpack_from(data, pos + 4)
+        pos += 8
+        if tag == _SEQ_DELIM:
+            return pos
+        if tag != _ITEM:
+            raise Malformed(f"expected an item, found ({group:04X},{elem:04X})")
+        if length == _UNDEFINED:
+            pos = _walk(data, pos, end, implicit, endian, _ITEM_DELIM, depth + 1)
+        elif pos + length > end:
+            raise Malformed("item runs past the end")
+        else:
+            pos += length
+
+
+def handle_store(event: Event, ctx: IngestContext) -> int:
+    """``evt.EVT_C_STORE``: keep the instance durably, then answer; refuse what cannot be kept."""
+    started = time.perf_counter()
+    calling_ae = (event.assoc.requestor.ae_title or "").strip()
+    request = event.request
+    transfer_syntax = str(event.context.transfer_syntax)
+    sop_class = str(request.AffectedSOPClassUID or "")
+    with request.DataSet.getbuffer() as view:  # type: ignore[union-attr]
+        size = view.nbytes
+
+    if not storage.has_free_space(ctx.storage_dir, ctx.min_free_bytes, size):
+        LOGGER.error(
+            "C-STORE refused 0x%04X: free space below watermark (calling AE %s, SOP class %s, %d bytes)",
+            OUT_OF_RESOURCES, calling_ae, sop_class, size,
+        )
+        return OUT_OF_RESOURCES
+
+    encoded = event.encoded_dataset(include_meta=True)  # preamble + file meta + the bytes as received
+    chunks = (encoded,)
+
+    try:
+        check_structure(memoryview(encoded)[len(encoded) - size :], transfer_syntax)
+        ds = dcmread(BytesIO(encoded), stop_before_pixels=True)
+    except Exception as exc:
+        return _refuse(ctx, chunks, CANNOT_PARSE, f"cannot parse data set: {type(exc).__name__}: {_safe(exc)}",
+                       calling_ae, transfer_syntax, sop_class)
+    try:
+        ident = identity_of(ds)
+    except InvalidIdentity as exc:
+        return _refuse(ctx, chunks, INVALID_IDENTITY, str(exc), calling_ae, transfer_syntax, sop_class)
+    if ident.sop_instance_uid != str(request.AffectedSOPInstanceUID or "").strip() or ident.sop_class_uid != sop_class:
+        return _refuse(ctx, chunks, IDENTITY_MISMATCH, "SOP Class/Instance UID differ from the C-STORE request",
+                       calling_ae, transfer_syntax, sop_class)
+
+    try:
+        stored = storage.store_instance(ctx.storage_dir, ident, chunks)
+    except OSError as exc:
+        LOGGER.error("C-STORE refused 0x%04X: cannot write %s: %s", STORE_FAILED, ident.sop_instance_uid, exc.strerror)
+        return STORE_FAILED
+    try:
+        with ctx.sessions() as session, session.begin():
+            _, new_row = record_instance(session, ds, stored.path, stored.size, transfer_syntax_uid=transfer_syntax)
+    except Exception as exc:
+        LOGGER.error("C-STORE refused 0x%04X: cannot index %s: %s", STORE_FAILED, ident.sop_instance_uid, type(exc).__name__)
+        return STORE_FAILED
+
+    LOGGER.debug(
+        "stored %s (study %s, SOP class %s, %d bytes, %s, from %s%s) in %.1f ms",
+        ident.sop_instance_uid, ident.study_uid, sop_class, stored.size, transfer_syntax, calling_ae,
+        "" if new_row else ", duplicate", (time.perf_counter() - started) * 1000,
+    )
+    return SUCCESS
+
+
+def _refuse(ctx: IngestContext, chunks: tuple[Any, ...], status: int, reason: str, calling_ae: str,
+            transfer_syntax: str, sop_class: str) -> int:
+    """Quarantine the bytes with a reason file, log without patient data, return ``status``."""
+    where = "not kept"
+    try:
+        if storage.has_free_space(ctx.quarantine_dir, ctx.min_free_bytes, sum(len(c) for c in chunks)):
+            where = storage.quarantine(ctx.quarantine_dir, chunks, reason=reason, calling_ae=calling_ae,
+                                       transfer_syntax=transfer_syntax, status=status).name
+    except OSError as exc:
+        where = f"quarantine failed: {exc.strerror}"
+    LOGGER.warning("C-STORE refused 0x%04X: %s (calling AE %s, SOP class %s, transfer syntax %s, quarantine %s)",
+                   status, reason, calling_ae, _safe(sop_class), transfer_syntax, where)
+    return status
+
+
+def _safe(value: object) -> str:
+    """Bounded printable text for a log line (exception texts may quote bytes)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value))[:200]
+
+
+def handle_echo(event: Event) -> int:
+    """``evt.EVT_C_ECHO``: always success."""
+    return SUCCESS
+
+
+# --- the application entity -----------------------------------------------------------
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with ``SO_REUSEPORT`` (N processes, one port) and a bounded TLS handshake."""
+
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client.settimeout(TLS_HANDSHAKE_TIMEOUT)
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+            client.settimeout(None)
+        return client, address
+
+
+class ReusePortServerOn(ReusePortServer):
+    """:class:`ReusePortServer` with ``SO_REUSEPORT`` switched on."""
+
+    reuse_port = True
+
+
+def build_ae(ae_title: str) -> AE:
+    """An AE supporting Verification and every storage SOP class with :data:`TRANSFER_SYNTAXES`."""
+    ae = AE(ae_title=ae_title)
+    ae.maximum_associations = MAX_ASSOCIATIONS
+    ae.maximum_pdu_size = MAX_PDU_SIZE
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    return ae
+
+
+def event_handlers(ctx: IngestContext, settings: Settings) -> list[Any]:
+    """The listener's pynetdicom event handlers."""
+    peers = access.parse_allowlist(settings.allowed_aes)
+    return [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [ctx]),
+        (evt.EVT_REQUESTED, access.handle_requested, [peers]),
+    ]
+
+
+class Listener:
+    """One listening process: the AE, its server thread and the stability monitor."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        reuse_port: bool = False,
+        monitor: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.settings = settings
+        self.reuse_port = reuse_port
+        self.ssl_context = ssl_context if ssl_context is not None else server_context(settings)
+        url = settings.effective_database_url
+        self.ctx = IngestContext(
+            storage_dir=settings.storage_dir.resolve(),
+            quarantine_dir=settings.quarantine_dir.resolve(),
+            min_free_bytes=settings.min_free_bytes,
+            sessions=sessionmaker(engine_for(url), expire_on_commit=False),
+        )
+        self.ae = build_ae(settings.ae_title)
+        self.monitor = StabilityMonitor(url, settings.stable_after) if monitor else None
+        self.server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); useful with port 0."""
+        if self.server is None:
+            raise RuntimeError("listener not started")
+        return self.server.server_address[:2]  # type: ignore[return-value]
+
+    def start(self) -> None:
+        """Bind the port, serve associations in a background thread, start the monitor."""
+        self.ctx.storage_dir.mkdir(parents=True, exist_ok=True)
+        server_class = ReusePortServerOn if self.reuse_port else ReusePortServer
+        self.server = self.ae.make_server(
+            (self.settings.host, self.settings.port),
+            ssl_context=self.ssl_context,
+            evt_handlers=event_handlers(self.ctx, self.settings),
+            server_class=server_class,
+        )
+        self.ae._servers.append(self.server)  # so AE.shutdown() and server.shutdown() know it
+        self._thread = threading.Thread(target=self.server.serve_forever, name="preread-listener", daemon=True)
+        self._thread.start()
+        if self.monitor is not None:
+            self.monitor.start()
+        host, port = self.address
+        LOGGER.info("listening as %s on %s:%d%s", self.settings.ae_title, host, port, " (TLS)" if self.ssl_context else "")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let running associations finish (bounded), stop the monitor."""
+        if self.server is not None:
+            self.server.shutdown()
+            deadline = time.monotonic() + timeout
+            while self.server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for assoc in self.server.active_associations:
+                assoc.abort()
+            self.server = None
+        if self.monitor is not None:
+            self.monitor.stop()
+
+    def wait(self) -> None:
+        """Block until the server thread ends."""
+        if self._thread is not None:
+            self._thread.join()
+
+

@@ -1,0 +1,117 @@
+"""Loading InfiMed / Qwen2.5-VL once per process, exactly as the model card does.
+
+``Qwen2_5_VLForConditionalGeneration.from_pretrained`` with bf16 on CUDA
+(float32 on CPU) and sdpa attention, ``AutoProcessor.from_pretrained`` with
+the pixel budget. The loaded pair is cached per (model, revision, device,
+min/max pixels) so every caller in a worker process shares one copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model with its processor and provenance."""
+
+    model: Any  # Qwen2_5_VLForConditionalGeneration
+    processor: Any  # Qwen2_5_VLProcessor
+    device: torch.device
+    dtype: torch.dtype
+    model_id: str
+    revision: str | None
+    min_pixels: int
+    max_pixels: int
+    loading_info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The processor's tokenizer."""
+        return self.processor.tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (as the model card), float32 on CPU (bf16 matmuls are slow and inexact there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(
+    model_id: str,
+    revision: str | None = None,
+    device: str = "auto",
+    min_pixels: int = 256 * 28 * 28,
+    max_pixels: int = 1280 * 28 * 28,
+) -> LoadedModel:
+    """Load a fresh model and processor (uncached; use :func:`get_model`)."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    dev = resolve_device(device)
+    dtype = dtype_for(dev)
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model_id,
+        revision=revision,
+        dtype=dtype,
+        attn_implementation="sdpa",
+        device_map=str(dev) if dev.type == "cuda" else None,
+        output_loading_info=True,
+    )
+    model = model.to(dev).eval()
+    processor = AutoProcessor.from_pretrained(
+        model_id, revision=revision, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    commit = getattr(model.config, "_commit_hash", None)
+    log.info("loaded model %s (revision %s) on %s as %s", model_id, commit or revision, dev, dtype)
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        device=dev,
+        dtype=dtype,
+        model_id=model_id,
+        revision=commit or revision,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        loading_info=dict(info),
+    )
+
+
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=4)
+def _cached(model_id: str, revision: str | None, device: str, min_pixels: int, max_pixels: int) -> LoadedModel:
+    return load_model(model_id, revision, device, min_pixels, max_pixels)
+
+
+def get_model(
+    model_id: str,
+    revision: str | None = None,
+    device: str = "auto",
+    min_pixels: int = 256 * 28 * 28,
+    max_pixels: int = 1280 * 28 * 28,
+) -> LoadedModel:
+    """The process-wide model for these parameters, loaded on first use."""
+    with _lock:
+        return _cached(model_id, revision, str(resolve_device(device)), min_pixels, max_pixels)
+
+
+def get_model_for_settings(settings: Any) -> LoadedModel:
+    """The process-wide model named by ``Settings`` (model, revision, device, pixel budget)."""
+    return get_model(
+        settings.model, settings.model_revision, settings.device, settings.min_pixels, settings.max_pixels
+    )

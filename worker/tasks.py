@@ -1,0 +1,165 @@
+"""Celery tasks: one per pipeline step, each taking only a study id.
+
+Following Celery's task guidance: tasks are idempotent (a step's result
+commits only if the study is still in the state the step expects), acknowledged
+late and rejected back to the queue if the worker dies, retried with
+exponential backoff and jitter for transient errors, and never retried for bad
+input (the study goes FAILED with its reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_init, worker_ready
+from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from schemas.database import session_scope
+from schemas.settings import Settings
+from schemas.tables import Study, StudyState
+from worker.celery_app import EXPORT, INFER, app
+from worker.stages import BadInput, StepOutcome, Superseded, infer_step, render_step, set_state
+
+log = logging.getLogger(__name__)
+
+#: Errors worth another try: the database, the broker or the disk hiccupped.
+TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
+try:  # the broker clients' own connection errors
+    import redis.exceptions as _redis_exc
+    from kombu.exceptions import OperationalError as _KombuOperationalError
+
+    TRANSIENT += (_redis_exc.ConnectionError, _redis_exc.TimeoutError, _KombuOperationalError)
+except ImportError:  # pragma: no cover
+    pass
+
+RETRY_BASE_S = 2.0
+RETRY_MAX_S = 120.0
+MAX_RETRIES = 8
+MIN_PIXELS_ON_OOM = 64 * 28 * 28
+
+
+def backoff(retries: int) -> float:
+    """Exponential backoff with full jitter, capped."""
+    return random.uniform(0.5, 1.0) * min(RETRY_MAX_S, RETRY_BASE_S * (2**retries))
+
+
+def _settings() -> Settings:
+    return app.conf.preread_settings
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _count_attempt(settings: Settings, study_id: int) -> None:
+    with session_scope(settings.effective_database_url) as session:
+        session.execute(update(Study).where(Study.id == study_id).values(attempts=Study.attempts + 1))
+
+
+def _fail(settings: Settings, study_id: int, reason: str) -> None:
+    with session_scope(settings.effective_database_url) as session:
+        set_state(session, study_id, StudyState.FAILED, error=reason[:2000])
+    log.error("study %s FAILED: %s", study_id, reason)
+
+
+def _hand_off(settings: Settings) -> None:
+    """Publish the outbox row the step just committed, without waiting for the dispatcher."""
+    from worker.dispatcher import dispatch_once
+
+    try:
+        dispatch_once(settings, app, limit=20)
+    except Exception as exc:  # the dispatcher loop will publish it
+        log.info("fast hand-off deferred to the dispatcher: %s", type(exc).__name__)
+
+
+def run_step(task: Task, study_id: int, step: Callable[[], StepOutcome]) -> str:
+    """Run a pipeline step with the retry and failure policy shared by all tasks."""
+    settings = _settings()
+    try:
+        _count_attempt(settings, study_id)
+        outcome = step()
+    except Superseded as exc:
+        log.info("study %s: nothing to do (%s)", study_id, exc)
+        return "superseded"
+    except BadInput as exc:
+        _fail(settings, study_id, str(exc))
+        return "failed"
+    except TRANSIENT as exc:
+        if task.request.retries >= MAX_RETRIES:
+            _fail(settings, study_id, f"transient error persisted: {type(exc).__name__}")
+            return "failed"
+        log.warning("study %s: transient %s, retry %d", study_id, type(exc).__name__, task.request.retries + 1)
+        raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=MAX_RETRIES) from None
+    _hand_off(settings)
+    return str(outcome.state)
+
+
+@app.task(name="preread.render_study", bind=True, acks_late=True, reject_on_worker_lost=True)
+def render_study(self: Task, study_id: int) -> str:
+    """Render a STABLE study to PNGs and a manifest, then hand it to the infer queue."""
+    settings = _settings()
+    return run_step(self, study_id, lambda: render_step(settings, study_id, handoff=INFER))
+
+
+@app.task(name="preread.infer_study", bind=True, acks_late=True, reject_on_worker_lost=True)
+def infer_study(self: Task, study_id: int, max_pixels: int | None = None) -> str:
+    """Probe and draft a RENDERED study on this worker's model."""
+    from worker.engine import get_engine
+
+    settings = _settings()
+    if max_pixels is not None:
+        settings = settings.model_copy(update={"max_pixels": max_pixels, "min_pixels": min(settings.min_pixels, max_pixels)})
+    try:
+        engine = get_engine(settings)
+        return run_step(self, study_id, lambda: infer_step(settings, study_id, engine, handoff=_export_topic(settings)))
+    except Exception as exc:
+        if not _is_cuda_oom(exc):
+            raise
+        smaller = max(MIN_PIXELS_ON_OOM, settings.max_pixels // 2)
+        if smaller == settings.max_pixels:
+            _fail(settings, study_id, "CUDA out of memory at the smallest pixel budget")
+            return "failed"
+        log.warning("study %s: CUDA out of memory, retrying with max_pixels=%d", study_id, smaller)
+        import torch
+
+        torch.cuda.empty_cache()
+        raise self.retry(kwargs={"study_id": study_id, "max_pixels": smaller}, countdown=1, max_retries=MAX_RETRIES) from None
+
+
+def _export_topic(settings: Settings) -> str | None:
+    """Hand drafted studies to the export queue only where an exporter is configured."""
+    return EXPORT if settings.export_enabled else None
+
+
+@app.task(name="preread.export_study", bind=True, acks_late=True, reject_on_worker_lost=True)
+def export_study(self: Task, study_id: int) -> str:
+    """Push a DRAFTED study's current report to the configured destinations."""
+    from worker.exporters import export_step
+
+    settings = _settings()
+    return run_step(self, study_id, lambda: export_step(settings, study_id))
+
+
+def _warm_model(**_: Any) -> None:
+    """Load the model once per worker process, before the first task, if this worker serves ``infer``."""
+    import os
+
+    if INFER not in os.environ.get("PREREAD_WORKER_QUEUES", ""):
+        return
+    from worker.engine import get_engine
+
+    get_engine(_settings())
+    log.info("model loaded for the infer queue")
+
+
+worker_process_init.connect(_warm_model)
+worker_ready.connect(_warm_model)
