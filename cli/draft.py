@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def _index_study(settings: Settings, found: FoundStudy) -> int:
-    """Record a study's files in the database (idempotent) and mark it STABLE if new."""
+    """Record a study's files in the database (idempotent) and mark it STABLE for (re)drafting."""
     with session_scope(settings.effective_database_url) as session:
         study_id = 0
         for inst in found.instances:
@@ -34,7 +34,8 @@ def _index_study(settings: Settings, found: FoundStudy) -> int:
                 transfer_syntax_uid=inst.transfer_syntax_uid,
                 source="draft",
             )
-        set_state(session, study_id, StudyState.STABLE, expect=(StudyState.RECEIVING,))
+        # Complete as found on disk: (re-)draft it now, whatever it was before.
+        set_state(session, study_id, StudyState.STABLE)
     return study_id
 
 

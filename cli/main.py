@@ -10,7 +10,7 @@ import typer
 from cli.db import db_app
 from cli.draft import draft
 from cli.listen import listen
-from cli.run import run
+from cli.run import coordinate, run
 from cli.status import status
 from cli.worker import worker
 
@@ -20,6 +20,7 @@ app.command("draft")(draft)
 app.command("worker")(worker)
 app.command("status")(status)
 app.command("run")(run)
+app.command("coordinate")(coordinate)
 app.command("listen")(listen)
 
 

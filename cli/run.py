@@ -108,3 +108,16 @@ def run(
         for child in reversed(children):
             child.stop()
         coordinator.join(timeout=5)
+
+
+def coordinate() -> None:
+    """Run the coordinator alone: stability monitor, outbox dispatcher, reconciler."""
+    from worker.celery_app import app
+    from worker.loop import coordinate_forever
+
+    settings = get_settings()
+    upgrade(settings.effective_database_url)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    coordinate_forever(settings, app, stop)

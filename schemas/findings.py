@@ -76,6 +76,6 @@ class DraftReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    findings: list[FindingModel] = Field(max_length=MAX_FINDINGS)
+    findings: list[FindingModel] = Field(min_length=1, max_length=MAX_FINDINGS)
     impression: str = Field(min_length=1, max_length=MAX_IMPRESSION_CHARS, pattern=SAFE_TEXT)
     urgency: Urgency

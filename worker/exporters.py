@@ -34,7 +34,6 @@ def fhir_diagnostic_report(study: Study, report: Any) -> dict[str, Any]:
         "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study.study_instance_uid}"}],
         "issued": report.created_at.isoformat(),
         "conclusion": report.impression or "",
-        "presentedForm": [{"contentType": "text/plain", "data": None, "title": "Draft pre-read"}],
         "extension": [
             {"url": "urn:preread:model", "valueString": report.model_id},
             {"url": "urn:preread:prompt-version", "valueString": report.prompt_version},

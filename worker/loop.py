@@ -19,9 +19,9 @@ RECONCILE_EVERY = 10
 
 def coordinate_once(settings: Settings, app: Celery, pass_no: int = 0) -> int:
     """One pass: mark quiet studies STABLE, publish the outbox, sometimes reconcile."""
-    from ingest.stability import mark_stable_once
+    from ingest.stability import run_once as mark_stable
 
-    done = mark_stable_once(settings)
+    done = len(mark_stable(settings.effective_database_url, settings.stable_after))
     done += dispatch_once(settings, app)
     if pass_no % RECONCILE_EVERY == 0:
         done += reconcile_once(settings)

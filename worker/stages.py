@@ -22,9 +22,11 @@ from schemas.tables import Image, Instance, Outbox, Report, Series, Study, Study
 
 log = logging.getLogger(__name__)
 
-#: States from which a study may be (re-)rendered or (re-)drafted.
-RENDERABLE = (StudyState.STABLE, StudyState.RENDERED, StudyState.DRAFTED, StudyState.EXPORTED, StudyState.FAILED)
-INFERABLE = (StudyState.RENDERED, StudyState.DRAFTED, StudyState.EXPORTED, StudyState.FAILED)
+#: The state each step starts from. A step whose study has moved on (a duplicate
+#: delivery, or a re-opened study) commits nothing: that is what makes it idempotent.
+#: Reprocessing a finished study puts it back to STABLE first.
+RENDERABLE = (StudyState.STABLE,)
+INFERABLE = (StudyState.RENDERED,)
 
 
 class BadInput(Exception):

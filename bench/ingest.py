@@ -1,0 +1,235 @@
+"""Ingest benchmark: dcmtk ``storescu`` into three receivers, in one run.
+
+500 CT instances of 512x512 (cloned from pydicom-data's ``693_UNCR.dcm`` with
+new UIDs) are sent over one association, then over 4 associations at once, to
+
+(a) a bare pynetdicom SCP that discards what it receives (the ceiling for a
+    pynetdicom receiver on this machine),
+(b) ``preread listen`` (and ``preread listen --workers 2`` for 4 associations),
+(c) Orthanc with a temporary configuration, when ``/usr/sbin/Orthanc`` exists.
+
+Prints one table of instances/s. Usage::
+
+    .venv/bin/python bench/ingest.py [--count 500] [--database-url URL]
+
+The embedded SQLite database is used unless ``--database-url`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PREREAD = [sys.executable, "-m", "cli.main"]
+ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+STORESCU = shutil.which("storescu")
+ECHOSCU = shutil.which("echoscu")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_instances(folder: Path, count: int) -> list[Path]:
+    """``count`` CT instances of one series, each a 512x512 clone with new UIDs."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    source = get_testdata_file("693_UNCR.dcm")
+    if source is None:
+        raise SystemExit("pydicom-data is needed (693_UNCR.dcm)")
+    template = dcmread(source)
+    assert (template.Rows, template.Columns) == (512, 512)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for i in range(count):
+        ds = template.copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        path = folder / f"ct{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def wait_echo(port: int, aet: str, timeout: float = 60.0) -> None:
+    """Poll with echoscu until the receiver answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = subprocess.run([ECHOSCU, "-aec", aet, "-to", "2", "127.0.0.1", str(port)], capture_output=True)
+        if done.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"no C-ECHO answer on port {port}")
+
+
+def send(port: int, aet: str, groups: list[list[Path]]) -> float:
+    """Send each group over its own storescu association, all at once; returns seconds."""
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen([STORESCU, "-aec", aet, "-nh", "127.0.0.1", str(port), *map(str, group)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for group in groups
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    elapsed = time.perf_counter() - started
+    for proc, err in zip(procs, errors):
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    return elapsed
+
+
+def split(paths: list[Path], n: int) -> list[list[Path]]:
+    """``n`` groups of about equal size."""
+    return [paths[i::n] for i in range(n)]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+BARE_SCP = """
+import sys, logging
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+sys.path.insert(0, {root!r})
+from ingest.listener import TRANSFER_SYNTAXES, MAX_PDU_SIZE, MAX_ASSOCIATIONS
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+ae = AE(ae_title="BARE")
+ae.maximum_associations = MAX_ASSOCIATIONS
+ae.maximum_pdu_size = MAX_PDU_SIZE
+ae.add_supported_context(Verification)
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+def discard(event):
+    event.encoded_dataset()
+    return 0x0000
+ae.start_server(("127.0.0.1", {port}), evt_handlers=[(evt.EVT_C_STORE, discard)])
+"""
+
+
+def run_bare(paths: list[Path]) -> tuple[float, float]:
+    """(a) instances/s over 1 and 4 associations into a discarding pynetdicom SCP."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BARE_SCP.format(root=str(ROOT), port=port)])
+    try:
+        wait_echo(port, "BARE")
+        one = len(paths) / send(port, "BARE", [paths])
+        four = len(paths) / send(port, "BARE", split(paths, 4))
+    finally:
+        stop(proc)
+    return one, four
+
+
+def run_preread(paths: list[Path], workers: int, database_url: str | None, groups: int) -> float:
+    """(b) instances/s into ``preread listen --workers N`` with a fresh data dir."""
+    with tempfile.TemporaryDirectory(prefix="preread-bench-") as tmp:
+        port = free_port()
+        env = dict(os.environ, PREREAD_DATA_DIR=tmp, PREREAD_PORT=str(port), PREREAD_HOST="127.0.0.1",
+                   PREREAD_MIN_FREE_BYTES=str(64 * 1024 * 1024), PREREAD_LOG_LEVEL="WARNING")
+        env.pop("PREREAD_ALLOWED_AES", None)
+        if database_url:
+            env["PREREAD_DATABASE_URL"] = database_url
+        proc = subprocess.Popen([*PREREAD, "listen", "--workers", str(workers), "--log-level", "WARNING"],
+                                cwd=ROOT, env=env)
+        try:
+            wait_echo(port, "PREREAD")
+            # two warm-up instances so that first-connection costs are not timed
+            send(port, "PREREAD", [paths[:2]])
+            rate = (len(paths) - 2) / send(port, "PREREAD", split(paths[2:], groups))
+            stored = sum(1 for _ in Path(tmp, "studies").rglob("*.dcm"))
+            if stored != len(paths):
+                raise RuntimeError(f"preread stored {stored} of {len(paths)} instances")
+        finally:
+            stop(proc)
+    return rate
+
+
+def run_orthanc(paths: list[Path]) -> tuple[float, float] | None:
+    """(c) instances/s into Orthanc with a temporary configuration, or ``None`` when absent."""
+    if ORTHANC is None:
+        return None
+    results = []
+    for groups in (1, 4):
+        with tempfile.TemporaryDirectory(prefix="orthanc-bench-") as tmp:
+            port, http = free_port(), free_port()
+            config = {
+                "Name": "bench", "StorageDirectory": f"{tmp}/storage", "IndexDirectory": f"{tmp}/index",
+                "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http, "RemoteAccessAllowed": False,
+                "DicomCheckCalledAet": False, "Plugins": [], "StableAge": 60, "HttpServerEnabled": True,
+                "DicomThreadsCount": 4,
+            }
+            Path(tmp, "orthanc.json").write_text(json.dumps(config))
+            proc = subprocess.Popen([ORTHANC, f"{tmp}/orthanc.json"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            try:
+                wait_echo(port, "ORTHANC")
+                results.append(len(paths) / send(port, "ORTHANC", split(paths, groups)))
+            finally:
+                stop(proc)
+    return results[0], results[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--database-url", default=None, help="default: embedded SQLite in a temp data dir")
+    args = parser.parse_args()
+    if not STORESCU or not ECHOSCU:
+        raise SystemExit("dcmtk's storescu and echoscu are needed (apt install dcmtk)")
+
+    with tempfile.TemporaryDirectory(prefix="bench-ct-") as tmp:
+        paths = make_instances(Path(tmp), args.count)
+        size = sum(p.stat().st_size for p in paths) / len(paths)
+        bare1, bare4 = run_bare(paths)
+        pre1 = run_preread(paths, 1, args.database_url, 1)
+        pre4 = run_preread(paths, 1, args.database_url, 4)
+        pre4w = run_preread(paths, 2, args.database_url, 4)
+        orthanc = run_orthanc(paths)
+
+    db = "Postgres" if args.database_url else "SQLite (embedded)"
+    print(f"\n{args.count} CT instances, 512x512, {size / 1024:.0f} KiB each, dcmtk storescu, {os.cpu_count()} CPUs, "
+          f"preread database: {db}\n")
+    print(f"| receiver | 1 association | 4 associations |")
+    print(f"|---|---:|---:|")
+    print(f"| (a) bare pynetdicom SCP, discards | {bare1:.0f}/s | {bare4:.0f}/s |")
+    print(f"| (b) preread listen | {pre1:.0f}/s ({pre1 / bare1:.2f}x a) | {pre4:.0f}/s |")
+    print(f"| (b) preread listen --workers 2 | | {pre4w:.0f}/s ({pre4w / pre1:.2f}x b, 1 assoc) |")
+    if orthanc:
+        print(f"| (c) Orthanc {orthanc_version()} | {orthanc[0]:.0f}/s | {orthanc[1]:.0f}/s |")
+    else:
+        print("| (c) Orthanc | not installed | |")
+
+
+def orthanc_version() -> str:
+    """Orthanc's version string, or ''."""
+    try:
+        out = subprocess.run([ORTHANC, "--version"], capture_output=True, text=True, timeout=10).stdout
+        return out.split()[1] if out.split() else ""
+    except Exception:
+        return ""
+
+
+if __name__ == "__main__":
+    main()
