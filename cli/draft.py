@@ -67,8 +67,6 @@ def draft(
     as_json: Annotated[bool, typer.Option("--json", help="Print the drafts as JSON.")] = False,
 ) -> None:
     """Draft a pre-read for every study found under PATHS and store it in the database."""
-    from worker.engine import Engine
-
     settings = get_settings()
     if model:
         settings = settings.model_copy(update={"model": model})
@@ -80,6 +78,8 @@ def draft(
     if not studies:
         err.print("[red]no readable DICOM study found[/red]")
         raise typer.Exit(2)
+    from worker.engine import Engine  # imports torch: only once there is work
+
     engine = Engine.from_settings(settings)
     results, failures = [], 0
     for found in studies:
