@@ -10,6 +10,7 @@ import typer
 from cli.db import db_app
 from cli.draft import draft
 from cli.listen import listen
+from cli.render import render as render_command
 from cli.run import coordinate, run
 from cli.status import status
 from cli.worker import worker
@@ -22,6 +23,7 @@ app.command("status")(status)
 app.command("run")(run)
 app.command("coordinate")(coordinate)
 app.command("listen")(listen)
+app.command("render")(render_command)
 
 
 def main() -> None:

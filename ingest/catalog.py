@@ -92,6 +92,24 @@ def _date(ds: Dataset, keyword: str) -> date | None:
         return None
 
 
+#: DICOM Requested Procedure Priority (0040,1003) values, as urgency ranks.
+PRIORITY_RANK = {"STAT": 2, "HIGH": 1, "URGENT": 1, "ASAP": 1, "MEDIUM": 0, "ROUTINE": 0, "LOW": 0}
+
+
+def requested_priority(ds: Dataset) -> int:
+    """The urgency rank the order asked for: Requested Procedure Priority, top level or in the Request Attributes."""
+    candidates = [ds]
+    try:
+        candidates += list(ds.get("RequestAttributesSequence") or [])
+    except Exception:
+        pass
+    rank = 0
+    for item in candidates:
+        value = (_text(item, "RequestedProcedurePriority", 16) or "").upper()
+        rank = max(rank, PRIORITY_RANK.get(value, 0))
+    return rank
+
+
 def _insert(session: Session, table):  # type: ignore[no-untyped-def]
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -121,7 +139,7 @@ def upsert_study(session: Session, ds: Dataset, ident: InstanceIdentity, source:
         last_received_at=now,
         created_at=now,
         updated_at=now,
-        priority=0,
+        priority=requested_priority(ds),
         attempts=0,
     )
     session.execute(_insert(session, Study).values(**values).on_conflict_do_nothing(index_elements=["study_instance_uid"]))

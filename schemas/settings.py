@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(1024, description="Upper bound on generated tokens for a draft.")
     max_images: int = Field(4, description="Most images from one study shown to the model.")
     draft_mode: str = Field("json", description="'json' (schema-constrained) or 'text' (Findings/Impression).")
+    think: str = Field("auto", description="'auto' (on for InfiMed-RL ids), 'on' or 'off': a <think> block before the answer.")
+    prompts_path: Path | None = Field(None, description="Prompt file or folder; default the packaged worker/prompts.")
+    batch_size: int = Field(8, description="Most drafts in one batched generate.")
+    probe_batch_rows: int = Field(32, description="Most probe questions in one batched forward pass.")
+    batch_wait_ms: float = Field(5.0, description="Longest a request waits for its batch to fill.")
 
     # --- ingest (DICOM listener) -----------------------------------------------------
     ae_title: str = Field("PREREAD", description="Our Application Entity title.")

@@ -81,3 +81,14 @@ def testdata(name: str) -> Path:
     if found is None:
         raise FileNotFoundError(name)
     return Path(found)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Qwen2.5-VL model folder (tests/tiny_model.py), built once per run."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+
+
+testdata.__test__ = False  # a helper, not a test, when imported into a test module

@@ -296,3 +296,31 @@ def test_preread_run_on_embedded_defaults(tmp_path: Path, tiny_model_dir: Path) 
         assert run.proc is not None and run.proc.returncode is not None
     assert (data / "queue").is_dir(), "the server-less queue lives in the data dir"
     assert all(n == 1 and cur == 1 for _, n, cur in reports_per_study(sqlite_url))
+
+
+def test_stat_study_overtakes_routine_ones_in_the_queue(
+    tmp_path: Path, pg_url: str, redis_server: RedisServer, tiny_model_dir: Path
+) -> None:
+    routine = make_studies(tmp_path / "routine", 4)
+    stat = make_studies(tmp_path / "stat", 1)[0]
+    ds = pydicom.dcmread(stat)
+    ds.RequestedProcedurePriority = "STAT"
+    ds.save_as(stat)
+    stat_uid = ds.StudyInstanceUID
+    with processes() as started:
+        pipe = Pipeline(tmp_path, pg_url, redis_server.url, tiny_model_dir, started)
+        pipe.listener()
+        pipe.coordinator()
+        assert storescu(pipe.port, routine).returncode == 0
+        wait_until(lambda: all_in(pg_url, StudyState.STABLE, 4), 120, what="routine studies queued")
+        assert storescu(pipe.port, [stat]).returncode == 0
+        wait_until(lambda: all_in(pg_url, StudyState.STABLE, 5), 120, what="the STAT study queued after them")
+        pipe.render_worker()  # one task at a time
+        wait_until(lambda: states(pg_url).get("RENDERED", 0) == 5, 180, what="all rendered")
+    engine = create_engine(pg_url)
+    with engine.connect() as conn:
+        first = conn.execute(
+            select(Study.study_instance_uid).order_by(Study.state_changed_at).limit(1)
+        ).scalar_one()
+    engine.dispose()
+    assert first == stat_uid, "the STAT study was rendered first although it arrived last"

@@ -202,6 +202,24 @@ def build_tiny_model(dest: Path, seed: int = 0, bpe_vocab_size: int = 1000) -> P
     return dest
 
 
+def write_test_pngs(folder: Path, sizes: list[tuple[int, int]] | None = None, seed: int = 7) -> list[Path]:
+    """Real 8-bit grey PNG files (as the renderer writes them) of the given (width, height) sizes."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (w, h) in enumerate(sizes or [(320, 288), (256, 352)]):
+        y, x = np.mgrid[0:h, 0:w]
+        pixels = (128 + 60 * np.sin(x / (11.0 + i)) * np.cos(y / 23.0) + rng.normal(0, 12, (h, w))).clip(0, 255)
+        path = folder / f"image{i}.png"
+        Image.fromarray(pixels.astype(np.uint8), mode="L").save(path)
+        paths.append(path)
+    return paths
+
+
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m tests.tiny_model DEST
     import sys
 

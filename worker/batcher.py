@@ -2,7 +2,7 @@
 
 Requests carry a kind (e.g. ``"draft"`` or ``"probe"``: only requests of one
 kind share a batch), a prompt length and a row count. The model thread runs a
-batch as soon as one length bucket of a kind holds ``max_rows`` rows, or when
+batch as soon as one length bucket of a kind holds its row limit, or when
 the oldest waiting request is ``max_wait_ms`` old; a batch is filled with the
 requests of that kind closest in length to the oldest one, so padding stays
 small. Results come back through :class:`concurrent.futures.Future`.
@@ -44,9 +44,11 @@ class DynamicBatcher:
         max_wait_ms: float = 5.0,
         length_bucket: int = 128,
         name: str = "model-batcher",
+        row_limit: Callable[[Hashable], int] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_rows = max(1, max_rows)
+        self._row_limit = row_limit
         self.max_wait = max_wait_ms / 1000.0
         self.length_bucket = max(1, length_bucket)
         self._pending: list[_Pending] = []
@@ -74,6 +76,10 @@ class DynamicBatcher:
             self._cond.notify()
         self._thread.join(timeout)
 
+    def limit(self, kind: Hashable) -> int:
+        """Most rows in one batch of this kind."""
+        return max(1, self._row_limit(kind)) if self._row_limit else self.max_rows
+
     # --- model thread ------------------------------------------------------------------
     def _full_group(self) -> list[_Pending] | None:
         """A (kind, length bucket) group that fills a batch, if any."""
@@ -81,20 +87,21 @@ class DynamicBatcher:
         for item in self._pending:
             group = groups.setdefault((item.kind, item.length // self.length_bucket), [])
             group.append(item)
-            if sum(i.rows for i in group) >= self.max_rows:
+            if sum(i.rows for i in group) >= self.limit(item.kind):
                 return self._take(group)
         return None
 
     def _take(self, candidates: list[_Pending]) -> list[_Pending]:
-        """Up to ``max_rows`` rows from ``candidates`` (in order; always at least one request)."""
+        """Up to the kind's row limit from ``candidates`` (in order; always at least one request)."""
         chosen: list[_Pending] = []
         rows = 0
+        most = self.limit(candidates[0].kind)
         for item in candidates:
-            if chosen and rows + item.rows > self.max_rows:
+            if chosen and rows + item.rows > most:
                 continue
             chosen.append(item)
             rows += item.rows
-            if rows >= self.max_rows:
+            if rows >= most:
                 break
         return chosen
 

@@ -187,12 +187,16 @@ class Engine:
             raise ValueError(f"cannot tell yes {self.yes_ids} from no {self.no_ids} tokens")
         self._grammar: CompiledDraftGrammar | None = None
         self._grammar_lock = threading.Lock()
-        self._batcher = DynamicBatcher(
-            self._run_batch, max_rows=batch_size, max_wait_ms=batch_wait_ms, name="preread-model"
-        )
+        self.batch_size = batch_size
         self.probe_batch_rows = probe_batch_rows
-        self._probe_batcher = DynamicBatcher(
-            self._run_batch, max_rows=probe_batch_rows, max_wait_ms=batch_wait_ms, name="preread-probe"
+        # One model thread for both kinds: drafts batch up to batch_size studies, probes up to
+        # probe_batch_rows questions; the two kinds never share a batch.
+        self._batcher = DynamicBatcher(
+            self._run_batch,
+            max_rows=batch_size,
+            max_wait_ms=batch_wait_ms,
+            name="preread-model",
+            row_limit=lambda kind: probe_batch_rows if kind == "probe" else batch_size,
         )
 
     # --- construction -------------------------------------------------------------------
@@ -226,7 +230,6 @@ class Engine:
     def close(self) -> None:
         """Stop the model threads after the queued requests."""
         self._batcher.close()
-        self._probe_batcher.close()
 
     # --- public API ---------------------------------------------------------------------
     def draft(
@@ -250,7 +253,7 @@ class Engine:
         job = self._prepare_probe(images, ctx)
         if not job.questions:
             return []
-        future = self._probe_batcher.submit(
+        future = self._batcher.submit(
             "probe", job, length=self._length(job.texts[0], job.images), rows=len(job.texts)
         )
         return future.result()

@@ -159,6 +159,7 @@ def infer_step(settings: Settings, study_id: int, engine, *, handoff: str | None
         ]
         ctx = study_context(session, study)
         study_uid = study.study_instance_uid
+        requested_rank = study.priority
     if not images:
         raise BadInput(f"study {study_id} has no rendered images")
     missing = [p.name for p in images if not p.exists()]
@@ -174,7 +175,7 @@ def infer_step(settings: Settings, study_id: int, engine, *, handoff: str | None
             raise Superseded(f"study {study_id} changed state while drafting")
         save_probes(session, study_id, probes, draft.model_id)
         save_draft(session, study_id, draft)
-        session.execute(update(Study).where(Study.id == study_id).values(urgency=str(urgency), priority=urgency.rank))
+        session.execute(update(Study).where(Study.id == study_id).values(urgency=str(urgency), priority=max(requested_rank, urgency.rank)))
     log.info(
         "study %s drafted: parse=%s urgency=%s tokens=%s",
         study_uid,

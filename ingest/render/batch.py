@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -46,7 +47,17 @@ def output_stem(relative: Path) -> Path:
 
 
 def render_file(job: RenderJob) -> FileResult:
-    """Render every frame of one file; one PNG per frame (``_f0001`` suffixes when multi-frame)."""
+    """Render every frame of one file; one PNG per frame (``_f0001`` suffixes when multi-frame).
+
+    pydicom's warnings about odd encodings are silenced: a batch reports
+    files that fail, not every tolerated quirk.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _render_file(job)
+
+
+def _render_file(job: RenderJob) -> FileResult:
     try:
         ds = read_instance(job.path)
         info = ImagePixel.of(ds)

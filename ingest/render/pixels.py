@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.dataset
+import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, iter_pixels, pixel_array
 
@@ -120,13 +122,31 @@ def read_instance(path: Path | str) -> Dataset:
     Raises :class:`UnreadableInstance` with a PHI-free reason.
     """
     try:
-        return pydicom.dcmread(os.fspath(path), force=True)
+        ds = pydicom.dcmread(os.fspath(path), force=True)
     except FileNotFoundError:
         raise UnreadableInstance("file not found") from None
     except IsADirectoryError:
         raise UnreadableInstance("is a directory") from None
     except Exception as exc:  # pydicom raises many types on malformed input
         raise UnreadableInstance(f"not a readable DICOM file ({type(exc).__name__}: {_short(exc)})") from None
+    _guess_transfer_syntax(ds)
+    return ds
+
+
+def _guess_transfer_syntax(ds: Dataset) -> None:
+    """Give a file without File Meta Information the transfer syntax it was read with."""
+    meta = ds.get("file_meta")
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
+    if implicit:
+        meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:

@@ -1,0 +1,62 @@
+"""Loading the tiny Qwen2.5-VL through worker/model.py, as a real checkpoint would be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from schemas.tables import ParseStatus
+from tests.tiny_model import write_test_pngs
+from worker.engine import DraftResult, Engine, StudyContext
+from worker.model import get_model, load_model
+
+PIXELS = {"min_pixels": 56 * 56, "max_pixels": 96 * 28 * 28}
+
+
+@pytest.fixture(scope="session")
+def two_pngs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two real PNG files of different sizes (8-bit grey, as the renderer writes them)."""
+    return write_test_pngs(tmp_path_factory.mktemp("pngs"))
+
+
+def test_tiny_model_loads_without_missing_or_unexpected_keys(tiny_model_dir: Path) -> None:
+    loaded = load_model(str(tiny_model_dir), device="cpu", **PIXELS)
+    info = loaded.loading_info
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
+    assert loaded.model.config._attn_implementation == "sdpa"
+    config = loaded.model.config
+    tok = loaded.tokenizer
+    assert config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert config.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
+    assert config.vision_config.patch_size == 14 and config.vision_config.spatial_merge_size == 2
+    assert tok.convert_tokens_to_ids("<|im_end|>") in loaded.model.generation_config.eos_token_id
+    assert len(tok) <= config.text_config.vocab_size
+
+
+def test_get_model_is_cached(tiny_model_dir: Path) -> None:
+    first = get_model(str(tiny_model_dir), device="cpu", **PIXELS)
+    assert get_model(str(tiny_model_dir), device="cpu", **PIXELS) is first
+    assert first.revision is None  # a local folder has no commit hash
+
+
+def test_chat_template_puts_images_in_vision_blocks(tiny_model_dir: Path) -> None:
+    loaded = get_model(str(tiny_model_dir), device="cpu", **PIXELS)
+    messages = [{"role": "user", "content": [{"type": "image", "image": "x"}, {"type": "text", "text": "Is there a fracture?"}]}]
+    text = loaded.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "<|vision_start|><|image_pad|><|vision_end|>Is there a fracture?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_engine_drafts_two_pngs(tiny_model_dir: Path, two_pngs: list[Path]) -> None:
+    engine = Engine(get_model(str(tiny_model_dir), device="cpu", **PIXELS))
+    try:
+        result = engine.draft(two_pngs, StudyContext("CR", "CHEST", "CHEST PA", "045Y", "F"))
+    finally:
+        engine.close()
+    assert isinstance(result, DraftResult)
+    assert result.parse_status == ParseStatus.OK, result.parse_error
+    assert result.raw_output and result.report is not None
+    assert result.n_images == 2 and result.prompt_tokens > 0 and result.completion_tokens > 0
