@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from ingest.render.batch import FileResult, jobs_for, render_files
 from ingest.render.windows import PRESETS, WindowSpec, parse_window
@@ -86,12 +85,9 @@ def render(
 
         render_files(jobs, workers=n_workers, on_result=done)
     if failures:
-        table = Table(title=f"{len(failures)} input(s) skipped", show_lines=False)
-        table.add_column("file", overflow="fold")
-        table.add_column("reason", overflow="fold")
+        console.print(f"[yellow]{len(failures)} input(s) skipped:[/yellow]")
         for f in failures:
-            table.add_row(str(f.path), f.error or "")
-        console.print(table)
+            console.print(f"  {f.path}: {f.error}", soft_wrap=True, markup=False, highlight=False)
     console.print(f"{written} PNG(s) from {len(jobs) - len(failures)} of {len(jobs)} file(s) in {out}")
     if len(failures) == len(jobs):
         raise typer.Exit(1)

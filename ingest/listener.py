@@ -23,12 +23,14 @@ import ssl
 import struct
 import threading
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.uid import (
     JPEG2000,
@@ -95,6 +97,8 @@ TRANSFER_SYNTAXES: list[str] = [
 MAX_ASSOCIATIONS = 64
 #: Largest P-DATA PDU we accept: fewer, larger PDUs mean less Python per instance.
 MAX_PDU_SIZE = 1024 * 1024
+#: Largest inflated size of a deflated data set (a deflate bomb is refused, not inflated).
+MAX_INFLATED = 1 << 30
 #: Seconds a TLS handshake may take in the accept loop.
 TLS_HANDSHAKE_TIMEOUT = 10.0
 
@@ -127,9 +131,12 @@ def check_structure(stream: bytes | memoryview, transfer_syntax: str) -> None:
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            data = memoryview(inflater.decompress(bytes(data), 1 << 31))
+            inflated = inflater.decompress(bytes(data), MAX_INFLATED)
         except zlib.error as exc:
             raise Malformed(f"deflate stream: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise Malformed("deflated data set inflates beyond the limit")
+        data = memoryview(inflated)
     implicit = transfer_syntax == ImplicitVRLittleEndian
     endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
     end = _walk(data, 0, len(data), implicit, endian, delimiter=None)
@@ -232,8 +239,10 @@ def handle_store(event: Event, ctx: IngestContext) -> int:
     try:
         check_structure(memoryview(encoded)[len(encoded) - size :], transfer_syntax)
         ds = dcmread(BytesIO(encoded), stop_before_pixels=True)
-    except Exception as exc:
-        return _refuse(ctx, chunks, CANNOT_PARSE, f"cannot parse data set: {type(exc).__name__}: {_safe(exc)}",
+    except Malformed as exc:  # our own messages name tags and offsets only
+        return _refuse(ctx, chunks, CANNOT_PARSE, f"malformed data set: {exc}", calling_ae, transfer_syntax, sop_class)
+    except Exception as exc:  # a parser's message may quote values (patient data): log its type only
+        return _refuse(ctx, chunks, CANNOT_PARSE, f"cannot parse data set: {type(exc).__name__}",
                        calling_ae, transfer_syntax, sop_class)
     try:
         ident = identity_of(ds)
@@ -337,6 +346,13 @@ def event_handlers(ctx: IngestContext, settings: Settings) -> list[Any]:
     ]
 
 
+def quiet_pydicom() -> None:
+    """No value validation on read, no pydicom warnings in our logs: their texts may quote patient data."""
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
 class Listener:
     """One listening process: the AE, its server thread and the stability monitor."""
 
@@ -348,6 +364,7 @@ class Listener:
         monitor: bool = True,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        quiet_pydicom()
         self.settings = settings
         self.reuse_port = reuse_port
         self.ssl_context = ssl_context if ssl_context is not None else server_context(settings)

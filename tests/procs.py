@@ -158,11 +158,18 @@ class RedisServer:
 
 
 class PostgresServer:
-    """A private, real PostgreSQL cluster on a free port, owned by the ``postgres`` user."""
+    """A private, real PostgreSQL cluster on a free port, owned by the ``postgres`` user.
 
-    def __init__(self, workdir: Path) -> None:
+    Its folder is a fresh one under the system temp dir, because the server
+    (not root) must be able to reach it.
+    """
+
+    def __init__(self) -> None:
+        import tempfile
+
         self.port = free_port()
-        self.workdir = workdir
+        self.workdir = Path(tempfile.mkdtemp(prefix="preread-pg-"))
+        self.workdir.chmod(0o755)
         self.bindir = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1])
 
     @property
@@ -176,7 +183,6 @@ class PostgresServer:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def init(self) -> PostgresServer:
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.workdir, "postgres", "postgres")
         self._as_postgres(str(self.bindir / "initdb"), "-D", str(self.workdir / "data"), "-A", "trust", "-U", "postgres")
@@ -195,11 +201,16 @@ class PostgresServer:
             "-o", f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off",
         )
 
+    def halt(self) -> None:
+        """Stop at once (connections drop mid-transaction); ``start`` brings it back."""
+        self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.workdir / "data"), "-w", "-m", "immediate", "stop")
+
     def stop(self) -> None:
         try:
             self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.workdir / "data"), "-m", "immediate", "stop")
         except subprocess.CalledProcessError:
             pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def storescu(port: int, files: list[Path], aet: str = "STORESCU", aec: str = "PREREAD", timeout: float = 300) -> subprocess.CompletedProcess[str]:

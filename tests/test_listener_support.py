@@ -56,9 +56,10 @@ def echo(port: int, *, calling: str = "ECHOSCU", timeout: int = 5) -> bool:
 
 
 def storescu(port: int, files: list[Path], *extra: str, calling: str = "STORESCU", timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Send ``files`` over one association with dcmtk's storescu (``-nh``: keep going after a failure)."""
+    """Send ``files`` over one association with storescu (``-R``: propose what the files need, in their own
+    transfer syntax; ``-nh``: keep going after a failure)."""
     return subprocess.run(
-        [STORESCU or "storescu", "-aet", calling, "-aec", "PREREAD", "-nh", *extra, "127.0.0.1", str(port),
+        [STORESCU or "storescu", "-aet", calling, "-aec", "PREREAD", "-nh", "-R", *extra, "127.0.0.1", str(port),
          *map(str, files)],
         capture_output=True, text=True, timeout=timeout,
     )
@@ -198,3 +199,44 @@ def dataset_bytes(path: Path) -> bytes:
         read_preamble(fp, False)
         _read_file_meta_info(fp)
         return fp.read()
+
+
+#: storescu's option that proposes a file's own transfer syntax (it converts to uncompressed otherwise).
+STORESCU_TS_OPTION = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def storescu_own_syntax(port: int, files: list[Path], **kwargs: Any) -> list[subprocess.CompletedProcess[str]]:
+    """storescu once per transfer syntax, proposing the files' own one, so they are sent unconverted."""
+    from pydicom import dcmread
+
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        ts = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(STORESCU_TS_OPTION.get(ts, "-xe"), []).append(path)
+    return [storescu(port, group, option, **kwargs) for option, group in sorted(groups.items())]
+
+
+@pytest.fixture
+def raw_send() -> Iterator[None]:
+    """pynetdicom sends files given by path as their raw encoded bytes (no decode, no re-encode)."""
+    from pynetdicom import _config
+
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous

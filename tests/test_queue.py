@@ -9,6 +9,7 @@ random-weight model through the real model path.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,17 +184,7 @@ def test_sigkill_of_infer_worker_mid_task_drafts_every_study_once(
         first = pipe.infer_worker("infer-1")
         assert storescu(pipe.port, files).returncode == 0
 
-        def infer_in_flight() -> bool:
-            engine = create_engine(pg_url)
-            try:
-                with engine.connect() as conn:
-                    return bool(conn.execute(
-                        select(func.count()).select_from(Study).where(Study.state == "RENDERED", Study.attempts > 0)
-                    ).scalar_one())
-            finally:
-                engine.dispose()
-
-        wait_until(infer_in_flight, 180, interval=0.05, what="an infer task in flight")
+        wait_until(lambda: _infer_in_flight(pg_url), 180, interval=0.05, what="an infer task in flight")
         first.kill(signal.SIGKILL)
         assert not first.alive()
         pipe.infer_worker("infer-2")
@@ -234,26 +225,41 @@ def test_redis_restart_loses_no_queued_study(
             raise AssertionError(pipe.logs()) from None
 
 
+def _infer_in_flight(url: str) -> bool:
+    """True while an infer task has started on a study (its attempt is counted) and not finished."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return bool(conn.execute(
+                select(func.count()).select_from(Study).where(Study.state == "RENDERED", Study.attempts > 0)
+            ).scalar_one())
+    finally:
+        engine.dispose()
+
+
 def test_postgres_restart_during_writes_tasks_retry_and_finish(
     tmp_path: Path, redis_server: RedisServer, tiny_model_dir: Path
 ) -> None:
-    server = PostgresServer(tmp_path / "pg").init().start()
+    server = PostgresServer().init().start()
     try:
         url = server.url
         files = make_studies(tmp_path / "in", 6)
         with processes() as started:
-            pipe = Pipeline(tmp_path, url, redis_server.url, tiny_model_dir, started, reconcile_after=20)
+            pipe = Pipeline(tmp_path, url, redis_server.url, tiny_model_dir, started, reconcile_after=30)
             pipe.listener()
             pipe.coordinator()
             pipe.render_worker()
             pipe.infer_worker()
             assert storescu(pipe.port, files).returncode == 0
-            wait_until(lambda: states(url).get("DRAFTED", 0) >= 1, 240, what="the first draft")
-            server.restart()  # immediate mode: connections drop mid-transaction
+            wait_until(lambda: _infer_in_flight(url), 240, interval=0.05, what="an infer task in flight")
+            server.halt()  # the task's result write meets a dead database
+            time.sleep(5)
+            server.start()
             try:
                 wait_until(lambda: all_in(url, StudyState.DRAFTED, 6), 300, what="all studies DRAFTED after restart")
             except AssertionError:
                 raise AssertionError(pipe.logs()) from None
+            assert "transient" in pipe.procs["infer"].output(), "a task met the outage and was retried"
         assert all(n == 1 and cur == 1 for _, n, cur in reports_per_study(url))
     finally:
         server.stop()

@@ -51,6 +51,8 @@ YES_WORDS = ("yes", "Yes")
 NO_WORDS = ("no", "No")
 #: Assistant prefix that closes an empty think block, so a reasoning model answers at once in a probe.
 EMPTY_THINK = "<think>\n\n</think>\n\n"
+#: Per-token tensors of the processor's output, left padded when rows are batched.
+_SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 @dataclass
@@ -98,8 +100,10 @@ class GenerationOptions:
 
 @dataclass
 class _DraftJob:
-    text: str
-    images: list[Any]
+    """One study's draft request: the processor's tensors for its single row (CPU)."""
+
+    inputs: dict[str, torch.Tensor]
+    n_images: int
     options: GenerationOptions
     submitted: float
     prepare_s: float
@@ -107,9 +111,12 @@ class _DraftJob:
 
 @dataclass
 class _ProbeJob:
+    """One study's probes: one row per question; the study's images are encoded once."""
+
     questions: list[tuple[str, str]]
-    texts: list[str]
-    images: list[Any]
+    sequences: dict[str, torch.Tensor]  # input_ids, attention_mask, mm_token_type_ids: one row per question
+    pixel_values: torch.Tensor  # the study's images, once
+    image_grid_thw: torch.Tensor  # one row per image of the study
     submitted: float
     prepare_s: float
 
@@ -237,8 +244,8 @@ class Engine:
     ) -> DraftResult:
         """Draft a report for one study's images (batched with other threads' drafts)."""
         job = self._prepare_draft(images, ctx, options or GenerationOptions())
-        future = self._batcher.submit(("draft", job.options), job, length=self._length(job.text, job.images))
-        return self._result(future.result(), len(job.images))
+        future = self._batcher.submit(("draft", job.options), job, length=int(job.inputs["input_ids"].shape[1]))
+        return self._result(future.result(), job.n_images)
 
     def draft_many(
         self, studies: Sequence[tuple[list[Path], StudyContext]], options: GenerationOptions | None = None
@@ -246,7 +253,7 @@ class Engine:
         """Draft several studies as one batch on the calling thread (no batcher)."""
         jobs = [self._prepare_draft(images, ctx, options or GenerationOptions()) for images, ctx in studies]
         outputs = self._run_drafts(jobs)
-        return [self._result(out, len(job.images)) for out, job in zip(outputs, jobs, strict=True)]
+        return [self._result(out, job.n_images) for out, job in zip(outputs, jobs, strict=True)]
 
     def probe(self, images: list[Path], ctx: StudyContext) -> list[ProbeResult]:
         """Score the study's triage questions (one forward pass with other threads' probes)."""
@@ -254,7 +261,7 @@ class Engine:
         if not job.questions:
             return []
         future = self._batcher.submit(
-            "probe", job, length=self._length(job.texts[0], job.images), rows=len(job.texts)
+            "probe", job, length=int(job.sequences["input_ids"].shape[1]), rows=len(job.questions)
         )
         return future.result()
 
@@ -281,15 +288,18 @@ class Engine:
         return list(image_inputs or [])
 
     def _prepare_draft(self, images: Sequence[Path | Any], ctx: StudyContext, options: GenerationOptions) -> _DraftJob:
+        """Chat template, images and processor tensors for one draft, as the model card builds them."""
         if not images:
             raise ValueError("a draft needs at least one image")
         start = time.perf_counter()
         messages = self._messages(images, self.prompts.draft_prompt(ctx, self.mode, self.think))
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         vision = self._vision(messages)
-        return _DraftJob(text, vision, options, time.perf_counter(), time.perf_counter() - start)
+        inputs = self.processor(text=[text], images=vision, padding=True, return_tensors="pt")
+        return _DraftJob(dict(inputs), len(vision), options, time.perf_counter(), time.perf_counter() - start)
 
     def _prepare_probe(self, images: Sequence[Path | Any], ctx: StudyContext) -> _ProbeJob:
+        """One row per question; the pixel values of the study's images are kept once."""
         if not images:
             raise ValueError("a probe needs at least one image")
         start = time.perf_counter()
@@ -301,12 +311,30 @@ class Engine:
             )
             texts.append(text + EMPTY_THINK if self.think else text)
         vision = self._vision(self._messages(images, ""))
-        return _ProbeJob(questions, texts, vision, time.perf_counter(), time.perf_counter() - start)
-
-    def _length(self, text: str, images: Sequence[Any]) -> int:
-        """Prompt length in tokens: text tokens plus one per 28x28 pixels of each resized image."""
-        visual = sum((im.width * im.height) // (28 * 28) for im in images)
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + visual
+        pixels = self.processor.image_processor(images=vision, return_tensors="pt")
+        # The same images in every row: expand the placeholders as the processor does, without
+        # preprocessing the pixels once per question.
+        merge = self.processor.image_processor.merge_size**2
+        pad = self.processor.image_token
+        counts = [int(g.prod()) // merge for g in pixels["image_grid_thw"]]
+        expanded = []
+        for text in texts:
+            pieces = text.split(pad)
+            if len(pieces) != len(counts) + 1:
+                raise ValueError("image placeholders do not match the images")
+            expanded.append("".join(p + (pad * counts[i] if i < len(counts) else "") for i, p in enumerate(pieces)))
+        sequences = self.tokenizer(expanded, padding=True, return_tensors="pt")
+        ids = sequences["input_ids"]
+        token_types = torch.zeros_like(ids)
+        token_types[ids == self.processor.image_token_id] = 1
+        return _ProbeJob(
+            questions=questions,
+            sequences={"input_ids": ids, "attention_mask": sequences["attention_mask"], "mm_token_type_ids": token_types},
+            pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+            submitted=time.perf_counter(),
+            prepare_s=time.perf_counter() - start,
+        )
 
     def _result(self, out: _DraftOutput, n_images: int) -> DraftResult:
         parsed = parse_output(out.raw, self.mode)
@@ -335,10 +363,22 @@ class Engine:
         return self._run_drafts(jobs)
 
     def _inputs(self, texts: list[str], images: list[Any]) -> Any:
-        """Left-padded model inputs for a batch, as the model card builds them."""
-        return self.processor(
-            text=texts, images=images or None, padding=True, return_tensors="pt"
-        ).to(self.loaded.device)
+        """Left-padded model inputs for texts and images in one processor call, as the model card builds them."""
+        return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(
+            self.loaded.device
+        )
+
+    def _collate(self, parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Rows of several requests as one left-padded batch (as ``processor(..., padding=True)`` pads)."""
+        width = max(int(p["input_ids"].shape[1]) for p in parts)
+        batch: dict[str, torch.Tensor] = {}
+        for key in parts[0]:
+            tensors = [p[key] for p in parts]
+            if key in _SEQUENCE_KEYS:
+                fill = self.pad_token_id if key == "input_ids" else 0
+                tensors = [torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill) for t in tensors]
+            batch[key] = torch.cat(tensors).to(self.loaded.device)
+        return batch
 
     def _generation_config(self, options: GenerationOptions, constrained: bool) -> Any:
         config = copy.deepcopy(self.model.generation_config)
@@ -361,7 +401,7 @@ class Engine:
         started = time.perf_counter()
         options = jobs[0].options
         constrained = options.constrained if options.constrained is not None else self.mode == "json"
-        inputs = self._inputs([j.text for j in jobs], [im for j in jobs for im in j.images])
+        inputs = self._collate([j.inputs for j in jobs])
         processors = [logits_processor(self.grammar)] if constrained else []
         config = self._generation_config(options, constrained)
         if options.seed is not None:
@@ -389,21 +429,45 @@ class Engine:
 
     @torch.inference_mode()
     def _run_probes(self, jobs: list[_ProbeJob]) -> list[list[ProbeResult]]:
-        texts = [t for j in jobs for t in j.texts]
-        images = [im for j in jobs for _ in j.texts for im in j.images]
-        inputs = self._inputs(texts, images)
-        logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+        """One forward pass over every question of the batch; each study's images are encoded once."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        device = self.loaded.device
+        vision = self.model.get_image_features(
+            torch.cat([j.pixel_values for j in jobs]).to(device),
+            torch.cat([j.image_grid_thw for j in jobs]).to(device),
+            return_dict=True,
+        )
+        per_image = list(vision.pooler_output)
+        rows_features: list[torch.Tensor] = []
+        grids: list[torch.Tensor] = []
+        first = 0
+        for job in jobs:
+            n = int(job.image_grid_thw.shape[0])
+            study = per_image[first : first + n]
+            first += n
+            for _ in job.questions:
+                rows_features.extend(study)
+                grids.append(job.image_grid_thw)
+        batch = self._collate([j.sequences for j in jobs])
+        logits = self.model(
+            **batch,
+            image_grid_thw=torch.cat(grids).to(device),
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(rows_features))},
+            logits_to_keep=1,
+            use_cache=False,
+        ).logits[:, -1, :].float()
         yes = torch.logsumexp(logits[:, self.yes_ids], dim=-1)
         no = torch.logsumexp(logits[:, self.no_ids], dim=-1)
         scores = torch.sigmoid(yes - no).tolist()  # = P(yes) / (P(yes) + P(no))
         results: list[list[ProbeResult]] = []
         row = 0
         for job in jobs:
-            study = []
+            study_results = []
             for condition, question in job.questions:
-                study.append(ProbeResult(condition, question, float(scores[row]), self.prompts.version))
+                study_results.append(ProbeResult(condition, question, float(scores[row]), self.prompts.version))
                 row += 1
-            results.append(study)
+            results.append(study_results)
         return results
 
 

@@ -63,12 +63,12 @@ def _render_file(job: RenderJob) -> FileResult:
         info = ImagePixel.of(ds)
         stem = output_stem(job.relative)
         outputs = []
-        for frame, stored in iter_frames(ds):
+        for frame, stored in iter_frames(ds, info=info):
             rendered = render_stored(stored, ds, frame, job.window, info)
             pixels = fit(rendered.pixels, job.min_pixels, job.max_pixels)
             name = f"{stem.name}.png" if info.number_of_frames == 1 else f"{stem.name}_f{frame + 1:04d}.png"
             target = job.out_dir / stem.parent / name
-            write_png(target, pixels)
+            write_png(target, pixels, atomic=False)
             outputs.append(target)
         return FileResult(job.path, tuple(outputs))
     except UnreadableInstance as exc:

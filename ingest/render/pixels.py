@@ -167,7 +167,12 @@ def _functional_items(ds: Dataset, frame: int) -> list[Dataset]:
 
 
 def frame_transforms(ds: Dataset, frame: int = 0) -> FrameTransforms:
-    """The Modality LUT and VOI attributes of ``frame`` (0-based), functional groups included."""
+    """The Modality LUT and VOI attributes of ``frame`` (0-based), functional groups included.
+
+    A dataset without functional groups is its own view (no copy: this runs per frame).
+    """
+    if "SharedFunctionalGroupsSequence" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+        return FrameTransforms(view=ds, windows=_windows_of(ds), has_voi_lut=bool(ds.get("VOILUTSequence")))
     view = Dataset()
     for kw in _PIXEL_KEYWORDS + _LUT_KEYWORDS:
         if kw in ds and ds[kw].value not in (None, ""):
@@ -221,9 +226,9 @@ def decode_frame(ds: Dataset, frame: int = 0) -> np.ndarray:
         raise UnreadableInstance(f"cannot decode pixel data ({type(exc).__name__}: {_short(exc)})") from None
 
 
-def iter_frames(ds: Dataset, frames: list[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def iter_frames(ds: Dataset, frames: list[int] | None = None, info: ImagePixel | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(frame index, stored values) for ``frames`` (default all), decoding each once."""
-    info = ImagePixel.of(ds)
+    info = info or ImagePixel.of(ds)
     wanted = list(range(info.number_of_frames)) if frames is None else list(frames)
     if info.number_of_frames == 1:
         yield from ((f, decode_frame(ds, 0)) for f in wanted[:1])
@@ -300,7 +305,7 @@ def _grey(stored: np.ndarray, tf: FrameTransforms, windows: list[VOIWindow | Non
     if stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2:
         index = stored.view(np.dtype(f"u{stored.dtype.itemsize}"))
         for w in windows:
-            planes.append(_grey_lut(stored.dtype, tf, w, invert)[index])
+            planes.append(np.take(_grey_lut(stored.dtype, tf, w, invert), index))  # take: ~2x faster than []
     else:
         modality = apply_modality_lut(stored, tf.view)
         for w in windows:

@@ -58,6 +58,11 @@ def target_size(height: int, width: int, min_pixels: int | None, max_pixels: int
         scale = min(1.0, (high / float(height * width)) ** 0.5)
         h = max(FACTOR, int(height * scale) // FACTOR * FACTOR)
         w = max(FACTOR, int(width * scale) // FACTOR * FACTOR)
+        if h * w > high:  # the short side hit its 28 px floor: shorten the long side
+            if h >= w:
+                h = max(FACTOR, high // w // FACTOR * FACTOR)
+            else:
+                w = max(FACTOR, high // h // FACTOR * FACTOR)
         return h, w
 
 

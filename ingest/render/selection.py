@@ -319,6 +319,15 @@ def choose_series(headers: list[InstanceHeader]) -> list[list[InstanceHeader]]:
     return sorted(chosen, key=_series_order)
 
 
+def reading_order(ref: FrameRef) -> tuple[int, str, int, float, int, int]:
+    """Sort key: series (by number), then position along the normal, else Instance Number, then frame."""
+    h = ref.header
+    series_number = h.series_number if h.series_number is not None else 1 << 30
+    if ref.position is not None:
+        return series_number, h.series_instance_uid, 0, ref.position, 0, ref.frame
+    return series_number, h.series_instance_uid, 1, 0.0, h.instance_number or 0, ref.frame
+
+
 def select_frames(headers: list[InstanceHeader], max_images: int, policy: SelectionPolicy = SelectionPolicy()) -> list[FrameRef]:
     """At most ``max_images`` frames of the study for a 2D model, in reading order."""
     keep, _ = candidates(headers, policy)

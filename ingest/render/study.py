@@ -5,14 +5,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from ingest.render.errors import RenderError, UnreadableInstance
 from ingest.render.files import write_png
 from ingest.render.manifest import MANIFEST_NAME, RenderedImage, StudyRendering, read_manifest, write_manifest
-from ingest.render.pixels import read_instance, render_frame
+from ingest.render.pixels import RenderedFrame, read_instance, render_frame
 from ingest.render.resize import fit
-from ingest.render.selection import FrameRef, InstanceHeader, SelectionPolicy, candidates, read_header, select_frames
+from ingest.render.selection import (
+    FrameRef,
+    InstanceHeader,
+    SelectionPolicy,
+    candidates,
+    read_header,
+    reading_order,
+    select_frames,
+)
 from ingest.render.windows import WindowSpec
 
 
@@ -63,12 +72,13 @@ def render_study(
             errors.append((Path(path), str(exc)))
     keep, skipped = candidates(headers, policy)
     study_uid = None
-    images: list[RenderedImage] = []
+    done: list[tuple[FrameRef, RenderedFrame, np.ndarray]] = []
     # Frames that fail are replaced by the next candidates, up to max_images.
     remaining = list(keep)
     datasets: dict[Path, Dataset] = {}
-    while remaining and len(images) < max_images:
-        refs = select_frames(remaining, max_images - len(images), SelectionPolicy(include=policy.include | _all_kinds(remaining)))
+    while remaining and len(done) < max_images:
+        include = policy.include | frozenset(h.kind for h in remaining)  # keep a fallback chosen the first time
+        refs = select_frames(remaining, max_images - len(done), SelectionPolicy(include=include))
         if not refs:
             break
         failed: set[Path] = set()
@@ -84,30 +94,34 @@ def render_study(
                 errors.append((path, str(exc)))
                 failed.add(path)
                 continue
-            pixels = fit(rendered.pixels, min_pixels, max_pixels)
-            ordinal = len(images)
-            png = out_dir / _png_name(ordinal, ref)
-            write_png(png, pixels)
-            images.append(
-                RenderedImage(
-                    sop_instance_uid=ref.sop_instance_uid,
-                    series_instance_uid=ref.series_instance_uid,
-                    frame=ref.frame,
-                    ordinal=ordinal,
-                    path=png,
-                    window=rendered.window,
-                    window_center=rendered.window_center,
-                    window_width=rendered.window_width,
-                    width=int(pixels.shape[1]),
-                    height=int(pixels.shape[0]),
-                    modality=ref.header.modality,
-                    slice_position=ref.position,
-                )
-            )
+            done.append((ref, rendered, fit(rendered.pixels, min_pixels, max_pixels)))
         if not failed:
             break
-        chosen = {(r.header.path, r.frame) for r in refs}
-        remaining = [h for h in remaining if h.path not in failed and not all((h.path, f) in chosen for f in range(h.number_of_frames))]
+        taken = {(r.header.path, r.frame) for r, _, _ in done}
+        remaining = [
+            h for h in remaining if h.path not in failed and not all((h.path, f) in taken for f in range(h.number_of_frames))
+        ]
+    done.sort(key=lambda item: reading_order(item[0]))
+    images: list[RenderedImage] = []
+    for ordinal, (ref, rendered, pixels) in enumerate(done):
+        png = out_dir / _png_name(ordinal, ref)
+        write_png(png, pixels)
+        images.append(
+            RenderedImage(
+                sop_instance_uid=ref.sop_instance_uid,
+                series_instance_uid=ref.series_instance_uid,
+                frame=ref.frame,
+                ordinal=ordinal,
+                path=png,
+                window=rendered.window,
+                window_center=rendered.window_center,
+                window_width=rendered.window_width,
+                width=int(pixels.shape[1]),
+                height=int(pixels.shape[0]),
+                modality=ref.header.modality,
+                slice_position=ref.position,
+            )
+        )
     if not images:
         reasons = "; ".join(sorted({r for _, r in errors})) or "no image instances"
         raise RenderError(f"nothing in the study could be rendered ({len(paths)} files: {reasons[:300]})")
@@ -122,8 +136,3 @@ def render_study(
     )
     write_manifest(rendering, min_pixels=min_pixels, max_pixels=max_pixels)
     return rendering
-
-
-def _all_kinds(headers: list[InstanceHeader]) -> frozenset[str]:
-    """The kinds present, so that a retry keeps the fallback candidates chosen the first time."""
-    return frozenset(h.kind for h in headers)

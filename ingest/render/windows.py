@@ -47,7 +47,8 @@ class VOIWindow:
         if self.function is VOIFunction.SIGMOID:
             if w <= 0:
                 raise ValueError("Window Width must be > 0 for SIGMOID")
-            out = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+            with np.errstate(over="ignore"):
+                out = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
             return out.astype(np.float32)
         if self.function is VOIFunction.LINEAR_EXACT:
             if w <= 0:

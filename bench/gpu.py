@@ -1,0 +1,318 @@
+"""GPU throughput of the inference engine: the seed's way against the dynamic batcher.
+
+Builds a random-weight model with the real Qwen2.5-VL-3B dimensions directly on
+the GPU (nothing downloaded; the tokenizer is the tests' tiny byte-level BPE with
+Qwen's special tokens), then on the same synthetic studies (2 images each, a
+1024x1024 pixel budget, exactly ``--new-tokens`` new tokens each) measures:
+
+* the seed's way: one ``model.generate`` per study, as the model card's snippet;
+* the batcher: threads call ``Engine.draft`` and the model thread batches them;
+* probes: threads call ``Engine.probe`` (all of a study's questions in one pass);
+
+and prints one table with studies/hour, probe questions/s and peak GPU memory.
+Each phase stops at its time budget and reports what it completed, so the whole
+run stays within ``--time-limit`` seconds.
+
+    python bench/gpu.py                      # CUDA, real 3B dimensions, 200 studies
+    python bench/gpu.py --device cpu --tiny  # smoke check with the tiny test model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from worker.engine import Engine, GenerationOptions, StudyContext  # noqa: E402
+from worker.model import LoadedModel, dtype_for, load_model  # noqa: E402
+
+#: Qwen2.5-VL-3B-Instruct's dimensions (InfiMed-SFT/RL-3B share them).
+QWEN25_VL_3B_TEXT = {
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    "tie_word_embeddings": True,
+}
+QWEN25_VL_3B_VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "out_hidden_size": 2048,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "hidden_act": "silu",
+    "in_channels": 3,
+    "tokens_per_second": 2,
+}
+CTX = StudyContext("CR", "CHEST", "CHEST PA AND LATERAL", "060Y", "F")
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    name: str
+    done: int
+    total: int
+    seconds: float
+    rate: float
+    unit: str
+    peak_gib: float | None
+    note: str = ""
+
+
+def build_real_dims(device: torch.device, min_pixels: int, max_pixels: int) -> LoadedModel:
+    """Random weights with the real 3B dimensions, initialised on the device (bf16 on CUDA, sdpa)."""
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from tests.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, _train_tokenizer
+
+    tokenizer = _train_tokenizer(1000)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(QWEN25_VL_3B_TEXT, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(QWEN25_VL_3B_VISION),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    dtype = dtype_for(device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model = model.eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], do_sample=False
+    )
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=14, merge_size=2, temporal_patch_size=2, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    )
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2),
+        chat_template=CHAT_TEMPLATE,
+    )
+    return LoadedModel(model, processor, device, dtype, "random/qwen2.5-vl-3b-dims", None, min_pixels, max_pixels)
+
+
+def study_images(index: int, side: int) -> list[Any]:
+    """Two synthetic grey radiograph-like images of one study (deterministic per index)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(index)
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32)
+    images = []
+    for k in range(2):
+        base = 110 + 60 * np.sin(x / (19.0 + k + index % 7)) * np.cos(y / 29.0)
+        noise = rng.normal(0, 10, (side, side)).astype(np.float32)
+        images.append(Image.fromarray((base + noise).clip(0, 255).astype(np.uint8), mode="L").convert("RGB"))
+    return images
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_way(loaded: LoadedModel, prompt: str, images: list[Any], new_tokens: int) -> int:
+    """One study exactly as the model card's snippet: template, vision info, processor, generate, trim, decode."""
+    from qwen_vl_utils import process_vision_info
+
+    content: list[dict[str, Any]] = [
+        {"type": "image", "image": im, "min_pixels": loaded.min_pixels, "max_pixels": loaded.max_pixels} for im in images
+    ]
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+    processor, model = loaded.processor, loaded.model
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    image_inputs, video_inputs = process_vision_info(messages)
+    inputs = processor(text=[text], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt")
+    inputs = inputs.to(loaded.device)
+    with torch.inference_mode():
+        generated = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    trimmed = [out[len(inp) :] for inp, out in zip(inputs.input_ids, generated, strict=True)]
+    processor.batch_decode(trimmed, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return int(trimmed[0].shape[0])
+
+
+def run_threads(n: int, threads: int, deadline: float, call: Callable[[int], int]) -> tuple[int, float, list[int]]:
+    """Call ``call(i)`` for i < n from ``threads`` threads until the deadline; (completed, seconds, results)."""
+    results: list[int] = []
+    start = time.perf_counter()
+
+    def task(i: int) -> int | None:
+        if time.perf_counter() > deadline:
+            return None
+        return call(i)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for value in pool.map(task, range(n)):
+            if value is not None:
+                results.append(value)
+    return len(results), time.perf_counter() - start, results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model instead of real 3B dimensions")
+    parser.add_argument("--studies", type=int, default=None, help="synthetic studies (default 200; 12 with --tiny)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--side", type=int, default=1024, help="synthetic image side in pixels")
+    parser.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixel budget per image")
+    parser.add_argument("--batch-size", type=int, default=50, help="drafts per batch")
+    parser.add_argument("--probe-rows", type=int, default=32, help="probe questions per forward pass")
+    parser.add_argument("--wait-ms", type=float, default=20.0, help="batcher wait for a batch to fill")
+    parser.add_argument("--threads", type=int, default=None, help="submitting threads (default 2 x batch size)")
+    parser.add_argument("--time-limit", type=float, default=420.0, help="seconds for the whole run")
+    parser.add_argument("--seed-limit", type=float, default=110.0, help="seconds for the seed's-way phase")
+    parser.add_argument("--probe-limit", type=float, default=50.0, help="seconds for the probe phase")
+    args = parser.parse_args(argv)
+
+    t0 = time.perf_counter()
+    hard_deadline = t0 + args.time_limit
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    n = args.studies or (12 if args.tiny else 200)
+    min_pixels = 256 * 28 * 28
+    if args.tiny:
+        from tests.tiny_model import build_tiny_model
+
+        folder = build_tiny_model(Path(tempfile.mkdtemp(prefix="tiny-qwen-")))
+        loaded = load_model(str(folder), device=str(device), min_pixels=min_pixels, max_pixels=args.max_pixels)
+    else:
+        loaded = build_real_dims(device, min_pixels, args.max_pixels)
+    sync(device)
+    build_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in loaded.model.parameters()) / 1e9
+    engine = Engine(
+        loaded, batch_size=args.batch_size, probe_batch_rows=args.probe_rows, batch_wait_ms=args.wait_ms
+    )
+    prompt = engine.prompts.draft_prompt(CTX, "json", think=False)
+    images = [study_images(i, args.side) for i in range(n)]
+    exact = GenerationOptions(constrained=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    print(
+        f"model: {loaded.model_id if not args.tiny else 'tiny test model'} ({params:.2f} B params, {loaded.dtype}, "
+        f"{device}), built in {build_s:.1f}s; {n} studies x 2 images {args.side}px, budget {args.max_pixels} px, "
+        f"{args.new_tokens} new tokens each",
+        flush=True,
+    )
+
+    # warm-up (not timed): CUDA kernels, allocator, the batcher's thread
+    seed_way(loaded, prompt, images[0], 4)
+    engine.draft_many([(images[0], CTX)], GenerationOptions(constrained=False, max_new_tokens=4))
+    engine.probe(images[0], CTX)
+    sync(device)
+
+    rows: list[Row] = []
+    remaining = lambda: hard_deadline - time.perf_counter()  # noqa: E731
+
+    # 1. the seed's way: one generate per study, sequentially
+    reset_peak(device)
+    seed_deadline = time.perf_counter() + min(args.seed_limit, remaining() * 0.3)
+    start, done, tokens = time.perf_counter(), 0, []
+    for i in range(n):
+        if time.perf_counter() > seed_deadline:
+            break
+        tokens.append(seed_way(loaded, prompt, images[i], args.new_tokens))
+        done += 1
+    sync(device)
+    seed_s = time.perf_counter() - start
+    seed_rate = done / seed_s * 3600 if done else 0.0
+    rows.append(Row("seed: 1 generate per study", done, n, seed_s, seed_rate, "studies/h", peak_gib(device), f"{set(tokens)} new tokens"))
+    print(f"seed's way: {done} studies in {seed_s:.1f}s", flush=True)
+
+    # 2. through the batcher: many threads, one model thread
+    reset_peak(device)
+    threads = args.threads or 2 * args.batch_size
+    batch_deadline = time.perf_counter() + max(10.0, remaining() - args.probe_limit - 15)
+    done, batch_s, counts = run_threads(
+        n, threads, batch_deadline, lambda i: engine.draft(images[i], CTX, exact).completion_tokens
+    )
+    sync(device)
+    batch_rate = done / batch_s * 3600 if done else 0.0
+    sizes = engine._batcher.batch_sizes
+    rows.append(
+        Row(
+            f"batcher: batch {args.batch_size}, {threads} threads",
+            done, n, batch_s, batch_rate, "studies/h", peak_gib(device),
+            f"{set(counts)} new tokens; batches {sizes[-5:]}",
+        )  # fmt: skip
+    )
+    print(f"batched: {done} studies in {batch_s:.1f}s", flush=True)
+
+    # 3. probes: each study's questions in one pass, several studies per forward
+    reset_peak(device)
+    questions = len(engine.prompts.probe_questions(CTX))
+    probe_deadline = time.perf_counter() + max(5.0, min(args.probe_limit, remaining() - 5))
+    probe_threads = max(2, 2 * args.probe_rows // max(1, questions))
+    done_p, probe_s, _ = run_threads(
+        n, probe_threads, probe_deadline, lambda i: len(engine.probe(images[i], CTX))
+    )
+    sync(device)
+    rows.append(
+        Row(
+            f"probes: {questions} q/study, {args.probe_rows} rows/pass",
+            done_p, n, probe_s, done_p * questions / probe_s if done_p else 0.0, "questions/s", peak_gib(device),
+            f"{done_p / probe_s * 3600 if done_p else 0:.0f} studies/h",
+        )  # fmt: skip
+    )
+    engine.close()
+
+    header = f"{'phase':42} {'studies':>9} {'wall s':>8} {'rate':>12} {'unit':12} {'peak GiB':>9}  note"
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        peak = f"{r.peak_gib:9.2f}" if r.peak_gib is not None else f"{'-':>9}"
+        print(f"{r.name:42} {r.done:>4}/{r.total:<4} {r.seconds:8.1f} {r.rate:12.1f} {r.unit:12} {peak}  {r.note}")
+    speedup = batch_rate / seed_rate if seed_rate else float("nan")
+    print(f"\nbatched / seed's way: {speedup:.1f}x  (goal >= 10x); total {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

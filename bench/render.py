@@ -1,0 +1,151 @@
+"""Rendering benchmark: preread vs dcmtk's dcmj2pnm on a 500 x 512² CT, window 40/400.
+
+    .venv/bin/python bench/render.py [--slices 500] [--size 512] [--workdir DIR]
+
+Generates the series once (a real 512² CT slice from pydicom-data, 693_UNCR,
+with per-slice noise and positions), then in the same run times:
+
+* dcmj2pnm, one process per file (it takes one file at a time), on one core;
+* preread (``ingest.render.batch``, in-process) on the same core;
+* preread with 2 worker processes on 2 cores.
+
+Each run writes all 500 PNGs (8-bit, full resolution). "One core" is enforced
+with ``sched_setaffinity`` (children inherit it). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ingest.render.batch import jobs_for, render_files  # noqa: E402
+from ingest.render.windows import WindowSpec  # noqa: E402
+
+
+def make_series(folder: Path, slices: int, size: int) -> list[Path]:
+    """``slices`` CT files of ``size``² built from a real CT slice, each with its own noise and position."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    template = pydicom.dcmread(get_testdata_file("693_UNCR.dcm"))
+    base = template.pixel_array.astype(np.int32)
+    if base.shape != (size, size):
+        from PIL import Image
+
+        base = np.asarray(Image.fromarray(base.astype(np.float32)).resize((size, size))).astype(np.int32)
+    rng = np.random.default_rng(0)
+    series_uid = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(slices):
+        ds = template.copy()
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [-125.0, -125.0, float(i) * 0.625]
+        ds.Rows = ds.Columns = size
+        arr = np.clip(base + rng.normal(0, 8, base.shape).astype(np.int32), -2000, 4000).astype(np.int16)
+        ds.PixelData = arr.tobytes()
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def run_dcmj2pnm(paths: list[Path], out: Path) -> float:
+    """Seconds for dcmj2pnm +Ww 40 400, one process per file, sequentially."""
+    exe = shutil.which("dcmj2pnm")
+    if exe is None:
+        raise SystemExit("dcmj2pnm (dcmtk) is not installed")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for p in paths:
+        subprocess.run([exe, "+Ww", "40", "400", "-O", "+on", str(p), str(out / f"{p.stem}.png")], check=True)
+    return time.perf_counter() - start
+
+
+def run_preread(folder: Path, out: Path, workers: int) -> float:
+    """Seconds for preread to render every file of ``folder`` with window 40/400."""
+    jobs = jobs_for([folder], out, WindowSpec.explicit(40, 400))
+    start = time.perf_counter()
+    results = render_files(jobs, workers=workers)
+    elapsed = time.perf_counter() - start
+    bad = [r for r in results if r.error]
+    if bad:
+        raise SystemExit(f"preread failed on {len(bad)} files: {bad[0].error}")
+    return elapsed
+
+
+def max_difference(a_dir: Path, b_dir: Path, names: list[str]) -> int:
+    """Largest per-pixel difference between two renderings of the same files."""
+    from PIL import Image
+
+    worst = 0
+    for name in names:
+        a = np.asarray(Image.open(a_dir / name)).astype(int)
+        b = np.asarray(Image.open(b_dir / name)).astype(int)
+        worst = max(worst, int(np.abs(a - b).max()))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=500)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--workdir", type=Path, default=None, help="Keep inputs and outputs here (default: a temp dir).")
+    args = parser.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="preread-bench-"))
+    series = work / "series"
+    paths = sorted(series.glob("*.dcm")) if series.exists() else []
+    if len(paths) != args.slices:
+        shutil.rmtree(series, ignore_errors=True)
+        t = time.perf_counter()
+        paths = make_series(series, args.slices, args.size)
+        print(f"generated {len(paths)} x {args.size}² CT in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    for sub in ("dcmtk", "preread1", "preread2"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+
+    all_cpus = os.sched_getaffinity(0)
+    one = {min(all_cpus)}
+    os.sched_setaffinity(0, one)
+    # Warm the page cache and the imports so neither side pays first-touch costs.
+    for p in paths:
+        p.read_bytes()
+    t_dcmtk = run_dcmj2pnm(paths, work / "dcmtk")
+    t_one = run_preread(series, work / "preread1", workers=1)
+    os.sched_setaffinity(0, all_cpus)
+    cores = min(2, len(all_cpus))
+    t_two = run_preread(series, work / "preread2", workers=cores)
+
+    names = [f"{p.stem}.png" for p in paths[:: max(1, len(paths) // 20)]]
+    diff = max_difference(work / "dcmtk", work / "preread1", names)
+    n = len(paths)
+    rows = [
+        ("dcmj2pnm (1 process/file)", 1, t_dcmtk),
+        ("preread", 1, t_one),
+        ("preread", cores, t_two),
+    ]
+    print(f"\n{n} x {args.size}² CT, window 40/400, 8-bit PNG; max |preread - dcmj2pnm| = {diff} (sampled {len(names)} slices)\n")
+    print("| renderer | cores | seconds | images/s | vs dcmj2pnm (1 core) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, c, secs in rows:
+        print(f"| {name} | {c} | {secs:.2f} | {n / secs:.1f} | {t_dcmtk / secs:.1f}x |")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
