@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -57,6 +58,8 @@ def render(
     """
     spec = window_spec(window, preset, rgb_windows, percentile)
     console = Console(stderr=True)
+    # Files that fail are listed below; pydicom's notes on tolerated quirks are noise here.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     jobs = jobs_for(paths, out, spec, min_pixels if max_pixels or min_pixels else None, max_pixels)
     if not jobs:
         console.print("[red]no input files[/red]")

@@ -69,7 +69,9 @@ def handle_requested(event: Event, peers: list[AllowedPeer]) -> None:
     if not peers:
         return
     requestor = event.assoc.requestor
-    ae_title = (requestor.ae_title or "").strip()
+    # the A-ASSOCIATE-RQ itself: requestor.ae_title is only filled in during negotiation
+    primitive = requestor.primitive
+    ae_title = str(getattr(primitive, "calling_ae_title", "") or "").strip()
     address = requestor.address or ""
     if is_allowed(peers, ae_title, address):
         return

@@ -13,11 +13,11 @@ from datetime import date, datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import case, literal, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from schemas.tables import Instance, Series, Study, StudyState, utcnow
+from schemas.tables import Instance, Series, Study, StudyState, UTCDateTime, utcnow
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -157,8 +157,14 @@ def note_new_instance(session: Session, study_id: int, modality: str | None) -> 
     changes: dict[str, object] = {"last_received_at": now, "updated_at": now}
     if modality and study.modalities and modality not in study.modalities.split("\\"):
         changes["modalities"] = f"{study.modalities}\\{modality}"[:64]
-    if study.state != StudyState.RECEIVING:
-        changes.update(state=StudyState.RECEIVING, state_changed_at=now, error=None)
+    # Re-opening is decided in SQL, on the row as this UPDATE locks it: a stability
+    # monitor may have made the study STABLE since the SELECT above.
+    reopen = Study.state != StudyState.RECEIVING
+    changes.update(
+        state=StudyState.RECEIVING,
+        state_changed_at=case((reopen, literal(now, UTCDateTime())), else_=Study.state_changed_at),
+        error=case((reopen, null()), else_=Study.error),
+    )
     session.execute(update(Study).where(Study.id == study_id).values(**changes))
 
 
@@ -209,8 +215,9 @@ def record_instance(
             received_at=utcnow(),
         )
         .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        .returning(Instance.id)  # not rowcount: psycopg reports -1 when the dialect adds RETURNING
     )
-    created = bool(result.rowcount)
+    created = result.first() is not None
     if created:
         note_new_instance(session, study_id, _text(ds, "Modality", 16))
     return study_id, created

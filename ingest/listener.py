@@ -32,6 +32,9 @@ from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -51,10 +54,10 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import access, storage
-from ingest.catalog import InvalidIdentity, identity_of, record_instance
+from ingest.catalog import InvalidIdentity, identity_of
+from ingest.index import InstanceIndex
 from ingest.stability import StabilityMonitor
 from ingest.tls import server_context
 from schemas.database import engine_for
@@ -110,7 +113,7 @@ class IngestContext:
     storage_dir: Path
     quarantine_dir: Path
     min_free_bytes: int
-    sessions: sessionmaker[Session]
+    index: InstanceIndex
 
 
 # --- the C-STORE path ------------------------------------------------------------------
@@ -120,12 +123,25 @@ class Malformed(ValueError):
     """The encoded dataset is not a well-formed DICOM data set."""
 
 
-def check_structure(stream: bytes | memoryview, transfer_syntax: str) -> None:
+#: Top-level attributes the index needs; the fast header read keeps only these.
+HEADER_TAGS = frozenset(
+    Tag(keyword)
+    for keyword in (
+        "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyDate", "AccessionNumber", "Modality",
+        "StudyDescription", "SeriesDescription", "PatientID", "PatientSex", "PatientAge", "BodyPartExamined",
+        "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "InstanceNumber", "NumberOfFrames",
+    )
+)
+
+
+def check_structure(stream: bytes | memoryview, transfer_syntax: str) -> dict[int, RawDataElement]:
     """Walk every element of the encoded dataset and check each length fits exactly.
 
     pydicom reads truncated or over-long values silently; this walk proves
     the bytes are a complete data set before we answer success for them.
-    Deflated streams are inflated first.
+    Deflated streams are inflated first. Returns the raw top-level elements
+    named in :data:`HEADER_TAGS` (little endian syntaxes only), so that the
+    header need not be parsed a second time.
     """
     data = memoryview(stream)
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
@@ -139,9 +155,22 @@ def check_structure(stream: bytes | memoryview, transfer_syntax: str) -> None:
         data = memoryview(inflated)
     implicit = transfer_syntax == ImplicitVRLittleEndian
     endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
-    end = _walk(data, 0, len(data), implicit, endian, delimiter=None)
+    found: dict[int, RawDataElement] = {}
+    end = _walk(data, 0, len(data), implicit, endian, delimiter=None, found=found)
     if end != len(data):
         raise Malformed("trailing bytes after the data set")
+    return found
+
+
+def header_dataset(encoded: bytes, found: dict[int, RawDataElement], transfer_syntax: str) -> Dataset:
+    """The header attributes as a pydicom Dataset, values decoded lazily as dcmread would.
+
+    Built from the elements :func:`check_structure` found; big endian and
+    deflated data sets are read with ``dcmread`` instead.
+    """
+    if transfer_syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
+        return dcmread(BytesIO(encoded), stop_before_pixels=True)
+    return Dataset(found)
 
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -151,8 +180,12 @@ _ITEM_DELIM = 0xFFFEE00D
 _SEQ_DELIM = 0xFFFEE0DD
 
 
-def _walk(data: memoryview, pos: int, end: int, implicit: bool, endian: str, delimiter: int | None, depth: int = 0) -> int:
-    """Skip elements from ``pos`` to ``end`` (or to ``delimiter``); returns the position after."""
+def _walk(data: memoryview, pos: int, end: int, implicit: bool, endian: str, delimiter: int | None, depth: int = 0,
+          found: dict[int, RawDataElement] | None = None) -> int:
+    """Skip elements from ``pos`` to ``end`` (or to ``delimiter``); returns the position after.
+
+    Elements whose tag is in :data:`HEADER_TAGS` are collected into ``found``.
+    """
     if depth > 32:
         raise Malformed("sequences nested too deeply")
     u16 = struct.Struct(endian + "HH")
@@ -167,6 +200,7 @@ def _walk(data: memoryview, pos: int, end: int, implicit: bool, endian: str, del
             if tag == delimiter:
                 return pos + 8
             raise Malformed(f"unexpected delimiter ({group:04X},{elem:04X})")
+        vr = b""
         if implicit:
             (length,) = u32.unpack_from(data, pos + 4)
             pos += 8
@@ -187,6 +221,11 @@ def _walk(data: memoryview, pos: int, end: int, implicit: bool, endian: str, del
         else:
             if pos + length > end:
                 raise Malformed(f"value of ({group:04X},{elem:04X}) runs past the end")
+            if found is not None and tag in HEADER_TAGS and endian == "<":
+                found[tag] = RawDataElement(
+                    BaseTag(tag), vr.decode() if vr else None, length, bytes(data[pos : pos + length]), pos,
+                    implicit, True,
+                )
             pos += length
     if delimiter is not None:
         raise Malformed("missing delimiter")
@@ -237,8 +276,8 @@ def handle_store(event: Event, ctx: IngestContext) -> int:
     chunks = (encoded,)
 
     try:
-        check_structure(memoryview(encoded)[len(encoded) - size :], transfer_syntax)
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True)
+        found = check_structure(memoryview(encoded)[len(encoded) - size :], transfer_syntax)
+        ds = header_dataset(encoded, found, transfer_syntax)
     except Malformed as exc:  # our own messages name tags and offsets only
         return _refuse(ctx, chunks, CANNOT_PARSE, f"malformed data set: {exc}", calling_ae, transfer_syntax, sop_class)
     except Exception as exc:  # a parser's message may quote values (patient data): log its type only
@@ -258,8 +297,10 @@ def handle_store(event: Event, ctx: IngestContext) -> int:
         LOGGER.error("C-STORE refused 0x%04X: cannot write %s: %s", STORE_FAILED, ident.sop_instance_uid, exc.strerror)
         return STORE_FAILED
     try:
-        with ctx.sessions() as session, session.begin():
-            _, new_row = record_instance(session, ds, stored.path, stored.size, transfer_syntax_uid=transfer_syntax)
+        new_row = ctx.index.record(
+            ds, ident, stored.path, stored.size, transfer_syntax,
+            full_header=lambda: dcmread(BytesIO(encoded), stop_before_pixels=True),
+        )
     except Exception as exc:
         LOGGER.error("C-STORE refused 0x%04X: cannot index %s: %s", STORE_FAILED, ident.sop_instance_uid, type(exc).__name__)
         return STORE_FAILED
@@ -373,7 +414,7 @@ class Listener:
             storage_dir=settings.storage_dir.resolve(),
             quarantine_dir=settings.quarantine_dir.resolve(),
             min_free_bytes=settings.min_free_bytes,
-            sessions=sessionmaker(engine_for(url), expire_on_commit=False),
+            index=InstanceIndex(engine_for(url)),
         )
         self.ae = build_ae(settings.ae_title)
         self.monitor = StabilityMonitor(url, settings.stable_after) if monitor else None

@@ -60,3 +60,28 @@ def test_engine_drafts_two_pngs(tiny_model_dir: Path, two_pngs: list[Path]) -> N
     assert result.parse_status == ParseStatus.OK, result.parse_error
     assert result.raw_output and result.report is not None
     assert result.n_images == 2 and result.prompt_tokens > 0 and result.completion_tokens > 0
+
+
+def test_pixel_budget_is_applied(tiny_model_dir: Path) -> None:
+    from PIL import Image
+
+    loaded = get_model(str(tiny_model_dir), device="cpu", **PIXELS)
+    assert loaded.processor.image_processor.size.longest_edge == PIXELS["max_pixels"]
+    out = loaded.processor(
+        text=["<|vision_start|><|image_pad|><|vision_end|>x"], images=[Image.new("RGB", (900, 700))], return_tensors="pt"
+    )
+    t, h, w = out["image_grid_thw"][0].tolist()
+    assert h * w * 14 * 14 <= PIXELS["max_pixels"]
+
+
+def test_engine_from_settings(tiny_model_dir: Path, two_pngs: list[Path]) -> None:
+    from schemas.settings import Settings
+    from worker.engine import get_engine
+
+    settings = Settings(model=str(tiny_model_dir), device="cpu", batch_wait_ms=1.0, **PIXELS)
+    engine = get_engine(settings)
+    assert get_engine(settings) is engine
+    assert engine.loaded is get_model(str(tiny_model_dir), device="cpu", **PIXELS)  # one model per process
+    assert engine.mode == "json" and engine.think is False
+    probes = engine.probe(two_pngs, StudyContext("CR", "CHEST", None, None, None))
+    assert len(probes) >= 8 and all(0.0 <= p.score <= 1.0 for p in probes)

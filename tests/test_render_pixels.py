@@ -113,14 +113,14 @@ def test_enhanced_per_frame_window_and_rescale() -> None:
     ("name", "reason"),
     [
         ("MR_truncated.dcm", "pixel data"),
-        ("emri_small_jpeg_2k_lossless_too_short.dcm", "no pixel data"),
+        ("emri_small_jpeg_2k_lossless_too_short.dcm", "truncated"),
         ("reportsi.dcm", "no pixel data"),
         ("rtplan.dcm", "no pixel data"),
     ],
 )
 def test_truncated_or_pixelless_give_clear_error(name: str, reason: str) -> None:
     with pytest.raises(UnreadableInstance, match=reason):
-        render_frame(_read(name))
+        render_frame(read_instance(testdata(name)))
 
 
 def test_not_dicom_and_missing_files(tmp_path: Path) -> None:

@@ -194,6 +194,9 @@ class Engine:
             raise ValueError(f"cannot tell yes {self.yes_ids} from no {self.no_ids} tokens")
         self._grammar: CompiledDraftGrammar | None = None
         self._grammar_lock = threading.Lock()
+        # The batcher's thread is the model's only user in production; draft_many/probe_many
+        # (tests, benchmarks) run on the caller's thread, so model calls are serialised here too.
+        self._model_lock = threading.RLock()
         self.batch_size = batch_size
         self.probe_batch_rows = probe_batch_rows
         # One model thread for both kinds: drafts batch up to batch_size studies, probes up to
@@ -252,7 +255,8 @@ class Engine:
     ) -> list[DraftResult]:
         """Draft several studies as one batch on the calling thread (no batcher)."""
         jobs = [self._prepare_draft(images, ctx, options or GenerationOptions()) for images, ctx in studies]
-        outputs = self._run_drafts(jobs)
+        with self._model_lock:
+            outputs = self._run_drafts(jobs)
         return [self._result(out, job.n_images) for out, job in zip(outputs, jobs, strict=True)]
 
     def probe(self, images: list[Path], ctx: StudyContext) -> list[ProbeResult]:
@@ -267,7 +271,9 @@ class Engine:
 
     def probe_many(self, studies: Sequence[tuple[list[Path], StudyContext]]) -> list[list[ProbeResult]]:
         """Probe several studies in one forward pass on the calling thread (no batcher)."""
-        return self._run_probes([self._prepare_probe(images, ctx) for images, ctx in studies])
+        jobs = [self._prepare_probe(images, ctx) for images, ctx in studies]
+        with self._model_lock:
+            return self._run_probes(jobs)
 
     # --- preparation (caller's thread) -----------------------------------------------------
     def _messages(self, images: Sequence[Path | Any], text: str) -> list[dict[str, Any]]:
@@ -358,9 +364,11 @@ class Engine:
 
     # --- model thread -----------------------------------------------------------------------
     def _run_batch(self, kind: Any, jobs: list[Any]) -> Sequence[Any]:
-        if kind == "probe":
-            return self._run_probes(jobs)
-        return self._run_drafts(jobs)
+        """The batcher's entry point: one batch of one kind."""
+        with self._model_lock:
+            if kind == "probe":
+                return self._run_probes(jobs)
+            return self._run_drafts(jobs)
 
     def _inputs(self, texts: list[str], images: list[Any]) -> Any:
         """Left-padded model inputs for texts and images in one processor call, as the model card builds them."""

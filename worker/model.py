@@ -75,6 +75,13 @@ def load_model(
     processor = AutoProcessor.from_pretrained(
         model_id, revision=revision, min_pixels=min_pixels, max_pixels=max_pixels
     )
+    # transformers 5 already turned the budget into image_processor.size; the copies it also keeps
+    # in the tokenizer's init kwargs would be passed again on every call (a deprecated path).
+    for key in ("min_pixels", "max_pixels"):
+        getattr(processor.tokenizer, "init_kwargs", {}).pop(key, None)
+    size = processor.image_processor.size
+    if getattr(size, "shortest_edge", min_pixels) != min_pixels or getattr(size, "longest_edge", max_pixels) != max_pixels:
+        raise RuntimeError(f"pixel budget not applied to the image processor: {size}")
     commit = getattr(model.config, "_commit_hash", None)
     log.info("loaded model %s (revision %s) on %s as %s", model_id, commit or revision, dev, dtype)
     return LoadedModel(

@@ -15,6 +15,7 @@ gather per pixel.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +123,18 @@ def read_instance(path: Path | str) -> Dataset:
     Raises :class:`UnreadableInstance` with a PHI-free reason.
     """
     try:
-        ds = pydicom.dcmread(os.fspath(path), force=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(os.fspath(path), force=True)
     except FileNotFoundError:
         raise UnreadableInstance("file not found") from None
     except IsADirectoryError:
         raise UnreadableInstance("is a directory") from None
     except Exception as exc:  # pydicom raises many types on malformed input
         raise UnreadableInstance(f"not a readable DICOM file ({type(exc).__name__}: {_short(exc)})") from None
+    ended_early = any("End of file reached" in str(w.message) for w in caught)
+    if ended_early and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise UnreadableInstance("truncated file: it ends inside the pixel data")
     _guess_transfer_syntax(ds)
     return ds
 
@@ -282,9 +288,9 @@ _LUT_CACHE: dict[tuple[object, ...], np.ndarray] = {}
 
 def _grey_lut(dtype: np.dtype, tf: FrameTransforms, window: VOIWindow | None, invert: bool) -> np.ndarray:
     """Lookup table (indexed by the unsigned bit pattern) from stored value to output byte."""
-    use_voi_lut = window is None
-    key = (dtype.str, tf.modality_key, window, invert, use_voi_lut and id(tf.view.VOILUTSequence))
-    lut = _LUT_CACHE.get(key)
+    use_voi_lut = window is None  # VOI LUT Sequence tables are per dataset: not cached
+    key = (dtype.str, tf.modality_key, window, invert)
+    lut = None if use_voi_lut else _LUT_CACHE.get(key)
     if lut is not None:
         return lut
     modality = apply_modality_lut(_domain(dtype), tf.view)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,13 +228,17 @@ def header_of(ds: Dataset, path: Path) -> InstanceHeader:
 def read_header(path: Path | str) -> InstanceHeader:
     """Read the header of ``path`` (large values such as Pixel Data are deferred, not loaded)."""
     try:
-        ds = pydicom.dcmread(os.fspath(path), force=True, defer_size="64 KB")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(os.fspath(path), force=True, defer_size="64 KB")
     except FileNotFoundError:
         raise UnreadableInstance("file not found") from None
     except IsADirectoryError:
         raise UnreadableInstance("is a directory") from None
     except Exception as exc:
         raise UnreadableInstance(f"not a readable DICOM file ({type(exc).__name__})") from None
+    if "PixelData" not in ds and any("End of file reached" in str(w.message) for w in caught):
+        raise UnreadableInstance("truncated file: it ends inside the pixel data")
     if "SOPInstanceUID" not in ds and "PixelData" not in ds:
         raise UnreadableInstance("not a DICOM file (no SOP Instance UID, no pixel data)")
     return header_of(ds, Path(path))
