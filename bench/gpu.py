@@ -97,9 +97,9 @@ def build_real_dims(device: torch.device, min_pixels: int, max_pixels: int, laye
         Qwen2VLVideoProcessor,
     )
 
-    from tests.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, _train_tokenizer
+    from tests.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
 
-    tokenizer = _train_tokenizer(1000)
+    tokenizer = train_tokenizer(1000)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(QWEN25_VL_3B_TEXT, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     vision = dict(QWEN25_VL_3B_VISION)

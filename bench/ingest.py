@@ -10,14 +10,15 @@ new UIDs) are sent over one association, then over 4 associations at once, to
 
 Prints one table of instances/s. Usage::
 
-    .venv/bin/python bench/ingest.py [--count 500] [--database-url URL]
+    .venv/bin/python bench/ingest.py [--count 500] [--postgres ADMIN_URL]
 
-The embedded SQLite database is used unless ``--database-url`` is given.
+The embedded SQLite database is used unless ``--postgres`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,9 +145,29 @@ def run_bare(paths: list[Path]) -> tuple[float, float]:
     return one, four
 
 
-def run_preread(paths: list[Path], workers: int, database_url: str | None, groups: int) -> float:
-    """(b) instances/s into ``preread listen --workers N`` with a fresh data dir."""
-    with tempfile.TemporaryDirectory(prefix="preread-bench-") as tmp:
+@contextlib.contextmanager
+def fresh_database(admin_url: str | None) -> Iterator[str | None]:
+    """A new empty Postgres database on the server of ``admin_url`` (dropped afterwards), or None."""
+    if not admin_url:
+        yield None
+        return
+    from sqlalchemy import create_engine, text
+
+    name = f"preread_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def run_preread(paths: list[Path], workers: int, admin_url: str | None, groups: int) -> float:
+    """(b) instances/s into ``preread listen --workers N`` with a fresh data dir and database."""
+    with tempfile.TemporaryDirectory(prefix="preread-bench-") as tmp, fresh_database(admin_url) as database_url:
         port = free_port()
         env = dict(os.environ, PREREAD_DATA_DIR=tmp, PREREAD_PORT=str(port), PREREAD_HOST="127.0.0.1",
                    PREREAD_MIN_FREE_BYTES=str(64 * 1024 * 1024), PREREAD_LOG_LEVEL="WARNING")
@@ -194,7 +217,9 @@ def run_orthanc(paths: list[Path]) -> tuple[float, float] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500)
-    parser.add_argument("--database-url", default=None, help="default: embedded SQLite in a temp data dir")
+    parser.add_argument("--postgres", default=None, metavar="ADMIN_URL",
+                        help="run preread on a fresh Postgres database per run, created through this admin URL "
+                             "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres); default: embedded SQLite")
     args = parser.parse_args()
     if not STORESCU or not ECHOSCU:
         raise SystemExit("dcmtk's storescu and echoscu are needed (apt install dcmtk)")
@@ -203,12 +228,12 @@ def main() -> None:
         paths = make_instances(Path(tmp), args.count)
         size = sum(p.stat().st_size for p in paths) / len(paths)
         bare1, bare4 = run_bare(paths)
-        pre1 = run_preread(paths, 1, args.database_url, 1)
-        pre4 = run_preread(paths, 1, args.database_url, 4)
-        pre4w = run_preread(paths, 2, args.database_url, 4)
+        pre1 = run_preread(paths, 1, args.postgres, 1)
+        pre4 = run_preread(paths, 1, args.postgres, 4)
+        pre4w = run_preread(paths, 2, args.postgres, 4)
         orthanc = run_orthanc(paths)
 
-    db = "Postgres" if args.database_url else "SQLite (embedded)"
+    db = "Postgres" if args.postgres else "SQLite (embedded)"
     print(f"\n{args.count} CT instances, 512x512, {size / 1024:.0f} KiB each, dcmtk storescu, {os.cpu_count()} CPUs, "
           f"preread database: {db}\n")
     print(f"| receiver | 1 association | 4 associations |")

@@ -9,6 +9,8 @@ transaction: the ingest hot path stays well under a millisecond of Python.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -51,11 +53,62 @@ def _touch_study():  # type: ignore[no-untyped-def]
     )
 
 
+class WriterLock:
+    """Serialises this process's and sibling processes' writes to one SQLite file.
+
+    SQLite admits one writer at a time and makes the others poll with sleeps
+    of up to 100 ms (busy_timeout); a blocking ``flock`` on a lock file beside
+    the database hands the turn over at once instead. Postgres needs none.
+    """
+
+    def __init__(self, database_path: Path | None) -> None:
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        if database_path is not None:
+            database_path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(f"{database_path}.writer.lock", os.O_RDWR | os.O_CREAT, 0o640)
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._thread_lock.release()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def writer_lock(engine: Engine) -> WriterLock | _NoLock:
+    """A :class:`WriterLock` for a SQLite file, nothing for a server database."""
+    if engine.dialect.name != "sqlite":
+        return _NoLock()
+    database = engine.url.database
+    if not database or database == ":memory:":
+        return WriterLock(None)
+    return WriterLock(Path(database).resolve())
+
+
 class InstanceIndex:
     """Writes instance rows; safe to share between the listener's association threads."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._writer = writer_lock(engine)
         self._ids: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
         self._lock = threading.Lock()
         dialect = engine.dialect.name
@@ -90,7 +143,7 @@ class InstanceIndex:
             if new is not None:
                 return new
         header = full_header() if full_header is not None else ds
-        with Session(self.engine) as session, session.begin():
+        with self._writer, Session(self.engine) as session, session.begin():
             study_id, new = record_instance(session, header, path, size, transfer_syntax_uid=transfer_syntax)
             series_id = session.execute(
                 select(Series.id).where(Series.series_instance_uid == ident.series_uid)
@@ -111,7 +164,7 @@ class InstanceIndex:
         study_id, series_id = ids
         now = utcnow()
         try:
-            with self.engine.begin() as conn:
+            with self._writer, self.engine.begin() as conn:
                 new = self._insert_row(conn, ds, ident, series_id, path, size, transfer_syntax, now)
                 if new and conn.execute(self._touch, {"b_study_id": study_id, "b_now": now}).rowcount != 1:
                     raise _Stale

@@ -333,6 +333,13 @@ def _safe(value: object) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in str(value))[:200]
 
 
+def handle_accepted(event: Event) -> None:
+    """``evt.EVT_ACCEPTED``: one line per association (calling AE and address, no patient data)."""
+    requestor = event.assoc.requestor
+    LOGGER.info("association accepted: calling AE %s from %s:%s", (requestor.ae_title or "").strip(),
+                requestor.address, requestor.port)
+
+
 def handle_echo(event: Event) -> int:
     """``evt.EVT_C_ECHO``: always success."""
     return SUCCESS
@@ -384,6 +391,7 @@ def event_handlers(ctx: IngestContext, settings: Settings) -> list[Any]:
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_REQUESTED, access.handle_requested, [peers]),
+        (evt.EVT_ACCEPTED, handle_accepted),
     ]
 
 
@@ -443,8 +451,19 @@ class Listener:
         self._thread.start()
         if self.monitor is not None:
             self.monitor.start()
+        threading.Thread(target=self._sweep, name="preread-sweep", daemon=True).start()
         host, port = self.address
         LOGGER.info("listening as %s on %s:%d%s", self.settings.ae_title, host, port, " (TLS)" if self.ssl_context else "")
+
+    def _sweep(self) -> None:
+        """Remove temporary files a killed process left behind (in the background: a big store takes a while)."""
+        try:
+            removed = storage.sweep_temporary(self.ctx.storage_dir) + storage.sweep_temporary(self.ctx.quarantine_dir)
+        except OSError as exc:
+            LOGGER.warning("temporary file sweep failed: %s", exc.strerror)
+            return
+        if removed:
+            LOGGER.info("removed %d stale temporary files", removed)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let running associations finish (bounded), stop the monitor."""

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -134,6 +135,27 @@ def store_instance(root: Path, ident: InstanceIdentity, chunks: Iterable[bytes |
     except FileExistsError:  # a concurrent association stored it first
         return StoredFile(path, path.stat().st_size, False)
     return StoredFile(path, size, True)
+
+
+def sweep_temporary(root: Path, older_than: float = 600.0) -> int:
+    """Remove temporary files left by a killed writer (``.<name>.<hex>.tmp``); returns how many.
+
+    Only files older than ``older_than`` seconds go, so a sibling process's
+    write in progress is never touched.
+    """
+    removed = 0
+    cutoff = time.time() - older_than
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp"):
+                path = os.path.join(folder, name)
+                try:
+                    if os.stat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def has_free_space(path: Path, min_free_bytes: int, incoming: int = 0) -> bool:

@@ -236,3 +236,18 @@ def test_changed_prompt_file_changes_recorded_version(loaded: LoadedModel, studi
         assert {p.prompt_version for p in eng.probe(*studies[0])} == {after.version}
     finally:
         eng.close()
+
+
+def test_drafts_and_probes_from_many_threads_share_one_model_thread(engine: Engine, studies: list) -> None:
+    """Draft and probe requests of several studies at once: each gets its own kind of result."""
+    calls: list[Callable[[], Any]] = []
+    for study in studies[:3]:
+        calls.append(lambda s=study: engine.draft(*s))
+        calls.append(lambda s=study: engine.probe(*s))
+    results = in_threads(calls)
+    for i, result in enumerate(results):
+        if i % 2 == 0:
+            assert isinstance(result, DraftResult) and result.parse_status == ParseStatus.OK
+        else:
+            assert result and all(isinstance(p, ProbeResult) for p in result)
+    assert engine._batcher._thread.is_alive()

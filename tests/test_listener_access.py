@@ -133,8 +133,9 @@ def test_tls_association_works_and_plain_one_fails(listener_factory, pki: Path) 
 
 @needs_dcmtk
 @pytest.mark.slow
-def test_workers_share_the_port_and_stop_on_sigterm(listener_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    lp = listener_factory(args=["--workers", "2"])
+@pytest.mark.parametrize("database", ["postgres", "sqlite"])
+def test_workers_share_the_port_and_stop_on_sigterm(listener_factory, tmp_path: Path, database: str) -> None:  # type: ignore[no-untyped-def]
+    lp = listener_factory(args=["--workers", "2"], sqlite=database == "sqlite")
     wait_for(lambda: len(set(re.findall(r"\[(\d+)\] preread.ingest.listener: listening", lp.log()))) == 2,
              timeout=60, what="two worker processes listening")
     files = clone_series(testdata("CT_small.dcm"), tmp_path / "s", 120)

@@ -152,11 +152,14 @@ def make_listener(tmp_path: Path, database_url: str, *, args: list[str] | None =
 
 @pytest.fixture
 def listener_factory(tmp_path: Path, pg_url: str) -> Iterator[Callable[..., ListenerProcess]]:
-    """Start listeners on the test's Postgres database; all are stopped afterwards."""
+    """Start listeners on the test's Postgres database (or, with ``sqlite=True``, the embedded
+    SQLite file in their data dir, created by ``preread listen`` itself); all are stopped afterwards."""
     started: list[ListenerProcess] = []
 
-    def factory(*, start: bool = True, args: list[str] | None = None, **env: str) -> ListenerProcess:
-        lp = make_listener(tmp_path / f"l{len(started)}", pg_url, args=args, **env)
+    def factory(*, start: bool = True, args: list[str] | None = None, sqlite: bool = False, **env: str) -> ListenerProcess:
+        folder = tmp_path / f"l{len(started)}"
+        url = f"sqlite:///{folder / 'data' / 'preread.db'}" if sqlite else pg_url
+        lp = make_listener(folder, url, args=args, **env)
         lp.log_path.parent.mkdir(parents=True, exist_ok=True)
         started.append(lp)
         return lp.start() if start else lp

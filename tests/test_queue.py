@@ -9,6 +9,7 @@ random-weight model through the real model path.
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,8 +299,17 @@ def test_preread_run_on_embedded_defaults(tmp_path: Path, tiny_model_dir: Path) 
             wait_until(lambda: all_in(sqlite_url, StudyState.DRAFTED, 1), 300, what="the study DRAFTED on SQLite")
         except AssertionError:
             raise AssertionError(run.output()[-6000:]) from None
-        run.stop()
-        assert run.proc is not None and run.proc.returncode is not None
+        shown = subprocess.run(preread_argv("status"), env=env, capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        assert "DRAFTED" in shown.stdout and "render" in shown.stdout and "infer" in shown.stdout
+        import psutil
+
+        children = psutil.Process(run.pid).children(recursive=True)
+        assert len(children) >= 3, "listener, render worker and infer worker run as children"
+        run.proc.send_signal(signal.SIGTERM)  # only the parent: it must stop its children itself
+        run.proc.wait(60)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"preread run left {len(alive)} processes behind"
     assert (data / "queue").is_dir(), "the server-less queue lives in the data dir"
     assert all(n == 1 and cur == 1 for _, n, cur in reports_per_study(sqlite_url))
 

@@ -258,3 +258,18 @@ def test_stability_monitor_thread(sqlite_url: str, tmp_path: Path) -> None:
         monitor.stop()
     with session_scope(sqlite_url) as session:
         assert session.execute(select(Study.state)).scalar_one() == StudyState.STABLE
+
+
+def test_sweep_temporary_removes_only_old_leftovers(tmp_path: Path) -> None:
+    import os
+    import time
+
+    old = tmp_path / "a" / ".x.dcm.0123.tmp"
+    fresh = tmp_path / "a" / ".y.dcm.4567.tmp"
+    kept = tmp_path / "a" / "z.dcm"
+    old.parent.mkdir()
+    for path in (old, fresh, kept):
+        path.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert storage.sweep_temporary(tmp_path, older_than=600) == 1
+    assert not old.exists() and fresh.exists() and kept.exists()

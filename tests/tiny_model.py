@@ -77,7 +77,7 @@ _CORPUS_LINES: list[str] = [
 ]
 
 
-def _train_tokenizer(vocab_size: int):  # -> Qwen2Tokenizer
+def train_tokenizer(vocab_size: int):  # -> Qwen2Tokenizer
     """Train a byte-level BPE like Qwen's and wrap it as the transformers Qwen2 tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AddedToken, Qwen2TokenizerFast
@@ -140,7 +140,7 @@ def build_tiny_model(dest: Path, seed: int = 0, bpe_vocab_size: int = 1000) -> P
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(bpe_vocab_size)
+    tokenizer = train_tokenizer(bpe_vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = (len(tokenizer) + 63) // 64 * 64
 

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.findings import DraftReport
+from schemas.findings import SAFE_TEXT, DraftReport
 
 #: Printable ASCII without ``"`` (0x22), ``<`` (0x3c), ``\\`` (0x5c), ``|`` (0x7c): a subset of ``SAFE_TEXT``.
 SAFE_CHAR_CLASS = r"[\x20\x21\x23-\x3b\x3d-\x5b\x5d-\x7b\x7d\x7e]"
@@ -80,6 +80,8 @@ class _EbnfBuilder:
             most = node.get("maxLength")
             if most is None:
                 raise ValueError(f"{name}: strings need maxLength to bound the output")
+            if node.get("pattern", SAFE_TEXT) != SAFE_TEXT:
+                raise ValueError(f"{name}: only SAFE_TEXT strings are known to fit the grammar's character class")
             return f'"\\"" safe_char{{{node.get("minLength", 0)},{most}}} "\\""'
         raise ValueError(f"{name}: unsupported schema node {node}")
 
