@@ -74,7 +74,7 @@ def draft(
     upgrade(settings.effective_database_url)
     studies, skipped = discover(paths)
     for item in skipped:
-        err.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}")
+        err.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", soft_wrap=True, highlight=False)
     if not studies:
         err.print("[red]no readable DICOM study found[/red]")
         raise typer.Exit(2)

@@ -28,6 +28,9 @@ app.command("render")(render_command)
 
 def main() -> None:
     """Console-script entry point."""
+    from ingest.listener import quiet_pydicom
+
+    quiet_pydicom()  # pydicom's warnings can quote attribute values: keep patient data out of logs
     logging.basicConfig(
         level=os.environ.get("PREREAD_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

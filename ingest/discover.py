@@ -7,6 +7,7 @@ truncated or lacks valid UIDs is reported with its reason, never fatal.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import get_expected_length
 
 from ingest.catalog import InstanceIdentity, InvalidIdentity, identity_of
 
@@ -57,23 +59,30 @@ def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
-def _truncation_check(path: Path, ds: Dataset) -> None:
-    """Raise if the file ends before its pixel data does (header-only reads miss this)."""
+def _truncation_check(path: Path, ds: Dataset, ended_early: bool) -> None:
+    """Raise if the file ends before its pixel data does: pydicom reads a short value silently."""
     if "PixelData" not in ds:
         return
-    elem = ds.get_item("PixelData")
-    declared = getattr(elem, "length", None)
-    offset = getattr(elem, "value_tell", None)
-    if declared is None or offset is None or declared == 0xFFFFFFFF:
+    if ended_early:
+        raise ValueError("truncated: the file ends inside its pixel data")
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is not None and tsyntax.is_encapsulated:
         return
-    if offset + declared > path.stat().st_size:
-        raise ValueError(f"truncated: pixel data needs {declared} bytes, file has {path.stat().st_size - offset}")
+    try:
+        expected = int(get_expected_length(ds, unit="bytes"))
+        actual = len(ds.PixelData)
+    except Exception:  # odd Rows/Columns etc.: the renderer gives the reason
+        return
+    if actual < expected:
+        raise ValueError(f"truncated: pixel data has {actual} of {expected} bytes")
 
 
 def read_instance(path: Path) -> FoundInstance:
     """The header and identity of one file; raises ``ValueError`` with a readable reason."""
     try:
-        ds = pydicom.dcmread(path, defer_size=1024)
+        with warnings.catch_warnings(record=True) as caught:  # kept out of logs: they may quote values
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
     except InvalidDicomError as exc:
         raise ValueError(f"not a DICOM file ({exc})") from None
     except Exception as exc:  # pydicom raises many types on corrupt input
@@ -82,7 +91,7 @@ def read_instance(path: Path) -> FoundInstance:
         ident = identity_of(ds)
     except InvalidIdentity as exc:
         raise ValueError(str(exc)) from None
-    _truncation_check(path, ds)
+    _truncation_check(path, ds, any("End of file reached" in str(w.message) for w in caught))
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     return FoundInstance(path, ds, ident, str(tsyntax) if tsyntax else None, path.stat().st_size)
 
