@@ -85,3 +85,12 @@ def test_engine_from_settings(tiny_model_dir: Path, two_pngs: list[Path]) -> Non
     assert engine.mode == "json" and engine.think is False
     probes = engine.probe(two_pngs, StudyContext("CR", "CHEST", None, None, None))
     assert len(probes) >= 8 and all(0.0 <= p.score <= 1.0 for p in probes)
+
+
+def test_another_pixel_budget_shares_the_weights(tiny_model_dir: Path) -> None:
+    """A retry with a smaller budget (after CUDA ran out of memory) must not load a second copy."""
+    full = get_model(str(tiny_model_dir), device="cpu", **PIXELS)
+    smaller = get_model(str(tiny_model_dir), device="cpu", min_pixels=PIXELS["min_pixels"], max_pixels=PIXELS["max_pixels"] // 2)
+    assert smaller.model is full.model
+    assert smaller.processor is not full.processor
+    assert smaller.processor.image_processor.size["longest_edge"] == PIXELS["max_pixels"] // 2

@@ -51,27 +51,25 @@ def dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model(
-    model_id: str,
-    revision: str | None = None,
-    device: str = "auto",
-    min_pixels: int = 256 * 28 * 28,
-    max_pixels: int = 1280 * 28 * 28,
-) -> LoadedModel:
-    """Load a fresh model and processor (uncached; use :func:`get_model`)."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+def _load_weights(model_id: str, revision: str | None, dev: torch.device) -> tuple[Any, dict[str, Any]]:
+    """The model weights, as the model card loads them."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    dev = resolve_device(device)
-    dtype = dtype_for(dev)
     model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         model_id,
         revision=revision,
-        dtype=dtype,
+        dtype=dtype_for(dev),
         attn_implementation="sdpa",
         device_map=str(dev) if dev.type == "cuda" else None,
         output_loading_info=True,
     )
-    model = model.to(dev).eval()
+    return model.to(dev).eval(), dict(info)
+
+
+def _load_processor(model_id: str, revision: str | None, min_pixels: int, max_pixels: int) -> Any:
+    """The processor with the pixel budget, as the model card loads it."""
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(
         model_id, revision=revision, min_pixels=min_pixels, max_pixels=max_pixels
     )
@@ -82,27 +80,54 @@ def load_model(
     size = processor.image_processor.size
     if getattr(size, "shortest_edge", min_pixels) != min_pixels or getattr(size, "longest_edge", max_pixels) != max_pixels:
         raise RuntimeError(f"pixel budget not applied to the image processor: {size}")
+    return processor
+
+
+def _assemble(model_id: str, revision: str | None, dev: torch.device, weights: tuple[Any, dict[str, Any]],
+              processor: Any, min_pixels: int, max_pixels: int) -> LoadedModel:
+    model, info = weights
     commit = getattr(model.config, "_commit_hash", None)
-    log.info("loaded model %s (revision %s) on %s as %s", model_id, commit or revision, dev, dtype)
     return LoadedModel(
         model=model,
         processor=processor,
         device=dev,
-        dtype=dtype,
+        dtype=dtype_for(dev),
         model_id=model_id,
         revision=commit or revision,
         min_pixels=min_pixels,
         max_pixels=max_pixels,
-        loading_info=dict(info),
+        loading_info=info,
     )
+
+
+def load_model(
+    model_id: str,
+    revision: str | None = None,
+    device: str = "auto",
+    min_pixels: int = 256 * 28 * 28,
+    max_pixels: int = 1280 * 28 * 28,
+) -> LoadedModel:
+    """Load a fresh model and processor (uncached; use :func:`get_model`)."""
+    dev = resolve_device(device)
+    loaded = _assemble(model_id, revision, dev, _load_weights(model_id, revision, dev),
+                       _load_processor(model_id, revision, min_pixels, max_pixels), min_pixels, max_pixels)
+    log.info("loaded model %s (revision %s) on %s as %s", model_id, loaded.revision, dev, loaded.dtype)
+    return loaded
 
 
 _lock = threading.Lock()
 
 
-@lru_cache(maxsize=4)
-def _cached(model_id: str, revision: str | None, device: str, min_pixels: int, max_pixels: int) -> LoadedModel:
-    return load_model(model_id, revision, device, min_pixels, max_pixels)
+@lru_cache(maxsize=2)
+def _cached_weights(model_id: str, revision: str | None, device: str) -> tuple[Any, dict[str, Any]]:
+    weights = _load_weights(model_id, revision, torch.device(device))
+    log.info("loaded model %s (revision %s) on %s", model_id, revision, device)
+    return weights
+
+
+@lru_cache(maxsize=8)
+def _cached_processor(model_id: str, revision: str | None, min_pixels: int, max_pixels: int) -> Any:
+    return _load_processor(model_id, revision, min_pixels, max_pixels)
 
 
 def get_model(
@@ -112,9 +137,21 @@ def get_model(
     min_pixels: int = 256 * 28 * 28,
     max_pixels: int = 1280 * 28 * 28,
 ) -> LoadedModel:
-    """The process-wide model for these parameters, loaded on first use."""
+    """The process-wide model for these parameters, loaded on first use.
+
+    The weights are loaded once per (model, revision, device); another pixel
+    budget (a retry after CUDA ran out of memory) gets its own processor and
+    shares the weights.
+    """
     with _lock:
-        return _cached(model_id, revision, str(resolve_device(device)), min_pixels, max_pixels)
+        return _cached_loaded(model_id, revision, str(resolve_device(device)), min_pixels, max_pixels)
+
+
+@lru_cache(maxsize=8)
+def _cached_loaded(model_id: str, revision: str | None, device: str, min_pixels: int, max_pixels: int) -> LoadedModel:
+    weights = _cached_weights(model_id, revision, device)
+    processor = _cached_processor(model_id, revision, min_pixels, max_pixels)
+    return _assemble(model_id, revision, torch.device(device), weights, processor, min_pixels, max_pixels)
 
 
 def get_model_for_settings(settings: Any) -> LoadedModel:
