@@ -131,6 +131,13 @@ class Pipeline:
     def infer_worker(self, name: str = "infer") -> Proc:
         return self.start(name, "worker", "--queues", "infer,export", "--concurrency", "2")
 
+    def full(self) -> None:
+        """Listener, coordinator, one render worker and one infer worker."""
+        self.listener()
+        self.coordinator()
+        self.render_worker()
+        self.infer_worker()
+
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{p.output()[-3000:]}" for name, p in self.procs.items())
 
@@ -149,10 +156,7 @@ def test_storescu_study_is_drafted_through_separate_workers(
     files = [testdata("CT_small.dcm"), testdata("MR_small.dcm")]
     with processes() as started:
         pipe = Pipeline(tmp_path, pg_url, redis_server.url, tiny_model_dir, started)
-        pipe.listener()
-        pipe.coordinator()
-        pipe.render_worker()
-        pipe.infer_worker()
+        pipe.full()
         sent = storescu(pipe.port, files)
         assert sent.returncode == 0, sent.stderr
         try:
@@ -247,10 +251,7 @@ def test_postgres_restart_during_writes_tasks_retry_and_finish(
         files = make_studies(tmp_path / "in", 6)
         with processes() as started:
             pipe = Pipeline(tmp_path, url, redis_server.url, tiny_model_dir, started, reconcile_after=30)
-            pipe.listener()
-            pipe.coordinator()
-            pipe.render_worker()
-            pipe.infer_worker()
+            pipe.full()
             assert storescu(pipe.port, files).returncode == 0
             wait_until(lambda: _infer_in_flight(url), 240, interval=0.05, what="an infer task in flight")
             server.halt()  # the task's result write meets a dead database
@@ -272,10 +273,7 @@ def test_hundred_single_image_studies_all_complete(
     files = make_studies(tmp_path / "in", 100)
     with processes() as started:
         pipe = Pipeline(tmp_path, pg_url, redis_server.url, tiny_model_dir, started)
-        pipe.listener()
-        pipe.coordinator()
-        pipe.render_worker()
-        pipe.infer_worker()
+        pipe.full()
         assert storescu(pipe.port, files).returncode == 0
         try:
             wait_until(lambda: all_in(pg_url, StudyState.DRAFTED, 100), 600, interval=1, what="100 studies DRAFTED")
@@ -340,3 +338,28 @@ def test_stat_study_overtakes_routine_ones_in_the_queue(
         ).scalar_one()
     engine.dispose()
     assert first == stat_uid, "the STAT study was rendered first although it arrived last"
+
+
+def test_bad_input_fails_the_study_with_its_reason_and_no_retry(
+    tmp_path: Path, pg_url: str, redis_server: RedisServer, tiny_model_dir: Path
+) -> None:
+    """A study with nothing to render (a structured report only) is FAILED at once; the others go on."""
+    with processes() as started:
+        pipe = Pipeline(tmp_path, pg_url, redis_server.url, tiny_model_dir, started, reconcile_after=3)
+        pipe.full()
+        assert storescu(pipe.port, [testdata("test-SR.dcm"), testdata("CT_small.dcm")]).returncode == 0
+        try:
+            wait_until(lambda: states(pg_url) == {"FAILED": 1, "DRAFTED": 1}, 240, what="one FAILED, one DRAFTED")
+        except AssertionError:
+            raise AssertionError(f"{states(pg_url)}\n{pipe.logs()}") from None
+        time.sleep(8)  # longer than reconcile_after: a FAILED study must not be picked up again
+        shown = subprocess.run(preread_argv("status"), env=pipe.env, capture_output=True, text=True, timeout=120)
+    engine = create_engine(pg_url)
+    with engine.connect() as conn:
+        failed = conn.execute(select(Study.modalities, Study.error, Study.attempts).where(Study.state == "FAILED")).one()
+    engine.dispose()
+    assert failed.modalities == "SR"
+    assert "nothing renderable" in failed.error
+    assert failed.attempts == 1, "bad input is not retried"
+    assert states(pg_url) == {"FAILED": 1, "DRAFTED": 1}
+    assert "nothing renderable" in shown.stdout, "preread status lists the failure and its reason"

@@ -19,7 +19,7 @@ from typing import Any
 from schemas.database import session_scope
 from schemas.settings import Settings
 from schemas.tables import Study, StudyState
-from worker.stages import BadInput, StepOutcome, Superseded, current_report, set_state
+from worker.stages import BadInput, StepOutcome, Superseded, current_report, set_state, study_in_state
 
 SIGNATURE_HEADER = "X-Preread-Signature"
 
@@ -80,11 +80,7 @@ def post_webhook(url: str, payload: dict[str, Any], secret: str | None, timeout:
 def export_step(settings: Settings, study_id: int) -> StepOutcome:
     """Export the current report of a DRAFTED study; the study becomes EXPORTED."""
     with session_scope(settings.effective_database_url) as session:
-        study = session.get(Study, study_id)
-        if study is None:
-            raise BadInput(f"study {study_id} does not exist")
-        if study.state != StudyState.DRAFTED:
-            raise Superseded(f"study {study_id} is {study.state}")
+        study = study_in_state(session, study_id, (StudyState.DRAFTED,))
         report = current_report(session, study_id)
         if report is None:
             raise BadInput("drafted study has no current report")

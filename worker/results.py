@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from schemas.findings import DraftReport, Urgency
+from schemas.findings import DraftReport
 from schemas.tables import Finding, ProbeScore, Report
 
 if TYPE_CHECKING:
@@ -92,13 +92,3 @@ def save_probes(session: Session, study_id: int, probes: Sequence[ProbeResult], 
         for p in probes
     )
     session.flush()
-
-
-def urgency_from_scores(scores: Sequence[float], priority_threshold: float, stat_threshold: float) -> Urgency:
-    """The study's urgency from its highest probe score."""
-    top = max(scores, default=0.0)
-    if top >= stat_threshold:
-        return Urgency.STAT
-    if top >= priority_threshold:
-        return Urgency.PRIORITY
-    return Urgency.ROUTINE

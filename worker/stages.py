@@ -87,17 +87,23 @@ def study_files(session: Session, study_id: int) -> list[Path]:
     return [Path(p) for p in rows]
 
 
+def study_in_state(session: Session, study_id: int, allowed: tuple[StudyState, ...]) -> Study:
+    """The study a step works on; BadInput if it is gone, Superseded if it has moved on."""
+    study = session.get(Study, study_id)
+    if study is None:
+        raise BadInput(f"study {study_id} does not exist")
+    if study.state not in allowed:
+        raise Superseded(f"study {study_id} is {study.state}")
+    return study
+
+
 def render_step(settings: Settings, study_id: int, *, handoff: str | None = "infer") -> StepOutcome:
     """Render the study's chosen frames to PNGs with a manifest; the study becomes RENDERED."""
     from ingest.render import RenderError, render_study, store_images
 
     url = settings.effective_database_url
     with session_scope(url) as session:
-        study = session.get(Study, study_id)
-        if study is None:
-            raise BadInput(f"study {study_id} does not exist")
-        if study.state not in RENDERABLE:
-            raise Superseded(f"study {study_id} is {study.state}")
+        study = study_in_state(session, study_id, RENDERABLE)
         files = study_files(session, study_id)
         study_uid = study.study_instance_uid
         priority = study.priority
@@ -142,15 +148,12 @@ def study_context(session: Session, study: Study):  # type: ignore[no-untyped-de
 
 def infer_step(settings: Settings, study_id: int, engine, *, handoff: str | None = None) -> StepOutcome:  # type: ignore[no-untyped-def]
     """Probe and draft the rendered study; the study becomes DRAFTED with one current report."""
-    from worker.results import save_draft, save_probes, urgency_from_scores
+    from worker.engine import urgency_from_probes
+    from worker.results import save_draft, save_probes
 
     url = settings.effective_database_url
     with session_scope(url) as session:
-        study = session.get(Study, study_id)
-        if study is None:
-            raise BadInput(f"study {study_id} does not exist")
-        if study.state not in INFERABLE:
-            raise Superseded(f"study {study_id} is {study.state}")
+        study = study_in_state(session, study_id, INFERABLE)
         images = [
             Path(p)
             for p in session.execute(
@@ -167,7 +170,7 @@ def infer_step(settings: Settings, study_id: int, engine, *, handoff: str | None
         raise BadInput(f"rendered images missing on disk: {', '.join(missing[:3])}")
     probes = engine.probe(images, ctx)
     draft = engine.draft(images, ctx)
-    urgency = urgency_from_scores([p.score for p in probes], settings.priority_threshold, settings.stat_threshold)
+    urgency = urgency_from_probes(probes, settings.priority_threshold, settings.stat_threshold)
     if draft.report is not None and draft.report.urgency.rank > urgency.rank:
         urgency = draft.report.urgency
     with session_scope(url) as session:
