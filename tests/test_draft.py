@@ -59,6 +59,8 @@ def test_draft_real_ct_and_mr_twice(db_url: str, study_folder: Path, tiny_model_
                 assert png.mode in {"L", "RGB"}, "8-bit greyscale or colour"
                 assert png.size == (image["width"], image["height"])
     assert counts(db_url) == {"studies": 2, "series": 2, "instances": 2, "reports": 2, "current": 2}
+    for phi in ("CompressedSamples", "1CT1", "4MR1"):  # the files' patient name and IDs
+        assert phi not in first.stdout and phi not in first.stderr, "no patient data printed or logged"
 
     second = run_preread("draft", str(study_folder), **settings)
     assert second.returncode == 0, second.stderr

@@ -55,6 +55,19 @@ def make_studies(folder: Path, count: int, source: str = "CT_small.dcm") -> list
     return files
 
 
+def _patient_identifiers(files: list[Path]) -> set[str]:
+    """The patient names, IDs and birth dates in ``files``: none may reach a log."""
+    values = set()
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
+            value = str(ds.get(keyword) or "")
+            if value:
+                values.add(value)
+                values.update(part for part in value.split("^") if len(part) > 3)
+    return values
+
+
 def states(url: str) -> dict[str, int]:
     """Studies per state in the database at ``url``."""
     engine = create_engine(url)
@@ -170,6 +183,10 @@ def test_storescu_study_is_drafted_through_separate_workers(
         probes = conn.execute(text("select count(*) from probe_scores where current")).scalar_one()
         urgencies = conn.execute(select(Study.urgency)).scalars().all()
     engine.dispose()
+    logs = "\n".join(p.output() for p in pipe.procs.values())
+    assert "preread.render_study" in logs and "preread.infer_study" in logs, "the workers' logs were read"
+    for phi in _patient_identifiers(files):
+        assert phi not in logs, "no patient name or ID in any process's log"
     assert findings >= 2 and parsed == 2, "each constrained draft parsed with at least one finding"
     assert probes > 0
     assert all(u in {"routine", "priority", "stat"} for u in urgencies)
