@@ -55,13 +55,13 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
 class Proc:
     """A child process of ours, its output in a log file, killed at the end of the test."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.argv, self.env, self.log_path = argv, env, log
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> None:
+        self.argv, self.env, self.log_path, self.cwd = argv, env, log, cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
         fh = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=fh, stderr=subprocess.STDOUT, cwd=self.cwd,
                                      start_new_session=True)
         fh.close()
         return self

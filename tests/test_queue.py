@@ -301,12 +301,14 @@ def test_hundred_single_image_studies_all_complete(
 
 def test_preread_run_on_embedded_defaults(tmp_path: Path, tiny_model_dir: Path) -> None:
     port = free_port()
-    data = tmp_path / "data"
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    data = workdir / "preread-data"
     env = base_env(data_dir=data, model=tiny_model_dir, port=port, host="127.0.0.1", stable_after=1,
                    dispatch_interval=0.2, min_free_bytes=0, max_images=2)
     sqlite_url = f"sqlite:///{(data / 'preread.db').resolve()}"
     with processes() as started:
-        run = Proc(preread_argv("run", "--no-live"), env, tmp_path / "run.log").start()
+        run = Proc(preread_argv("run", "--no-live"), env, tmp_path / "run.log", cwd=workdir).start()
         started.append(run)
         wait_port(port, 120)
         assert storescu(port, [testdata("CT_small.dcm")]).returncode == 0
@@ -326,6 +328,7 @@ def test_preread_run_on_embedded_defaults(tmp_path: Path, tiny_model_dir: Path) 
         gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"preread run left {len(alive)} processes behind"
     assert (data / "queue").is_dir(), "the server-less queue lives in the data dir"
+    assert [p.name for p in workdir.iterdir()] == ["preread-data"], "nothing is left outside the data dir"
     assert all(n == 1 and cur == 1 for _, n, cur in reports_per_study(sqlite_url))
 
 
