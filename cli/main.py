@@ -35,6 +35,7 @@ def main() -> None:
         level=os.environ.get("PREREAD_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per migration is enough
     app()
 
 

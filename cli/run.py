@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -24,14 +25,20 @@ RESTART_BACKOFF_S = 2.0
 class Child:
     """A supervised child process: started again if it dies while we run."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
-        self.name, self.argv = name, argv
+    def __init__(self, name: str, argv: list[str], log_file: Path | None = None) -> None:
+        self.name, self.argv, self.log_file = name, argv, log_file
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.restarts = 0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv)
+        """Start the child; its output goes to its log file, or to ours when it has none."""
+        if self.log_file is None:
+            self.proc = subprocess.Popen(self.argv)
+        else:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_file, "ab") as out:
+                self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.started_at = time.monotonic()
 
     def check(self) -> None:
@@ -71,13 +78,21 @@ def run(
 
     settings = get_settings()
     upgrade(settings.effective_database_url)
+    console = Console(stderr=True)
+    show_live = console.is_terminal if live is None else live
+    # With the live view on the terminal, the children's own output goes to files beside the data.
+    logs = settings.data_dir / "logs" if show_live else None
     exe = [sys.executable, "-m", "cli.main"]
-    children = [
-        Child("render worker", exe + ["worker", "--queues", "render", "--concurrency", str(render_workers)]),
-        Child("infer worker", exe + ["worker", "--queues", "infer,export", "--concurrency", str(infer_threads)]),
+    roles = [
+        ("listener", ["listen"]),
+        ("render-worker", ["worker", "--queues", "render", "--concurrency", str(render_workers)]),
+        ("infer-worker", ["worker", "--queues", "infer,export", "--concurrency", str(infer_threads)]),
     ]
-    if listen:
-        children.insert(0, Child("listener", exe + ["listen"]))
+    children = [
+        Child(name, exe + args, logs / f"{name}.log" if logs else None)
+        for name, args in roles
+        if listen or name != "listener"
+    ]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -85,10 +100,12 @@ def run(
         child.start()
     coordinator = threading.Thread(target=coordinate_forever, args=(settings, app, stop), name="coordinator", daemon=True)
     coordinator.start()
-    console = Console(stderr=True)
-    show_live = console.is_terminal if live is None else live
     try:
         if show_live:
+            console.print(
+                f"preread run: DICOM on {settings.ae_title}@{settings.host}:{settings.port}, "
+                f"data in {settings.data_dir.resolve()}, logs in {logs}; Ctrl-C stops."
+            )
             with Live(render_status(snapshot(settings, app)), console=console, refresh_per_second=1) as view:
                 while not stop.wait(1.0):
                     for child in children:

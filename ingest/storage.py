@@ -4,12 +4,16 @@ An instance lives at ``studies/<study>/<series>/<sop>.dcm`` under the storage
 dir, a path built only from validated UIDs so that nothing a peer sends can
 steer a write outside it. Writes are crash-safe: temporary file in the same
 folder, ``fsync``, atomic ``rename``, then ``fsync`` of the folder, so a file
-either exists complete after ``kill -9`` or power loss, or not at all.
+either exists complete after ``kill -9`` or power loss, or not at all. With
+``sync=False`` (``PREREAD_SYNC_WRITES=false``) the two ``fsync`` calls are
+skipped: the rename still makes a file appear only complete, which the page
+cache keeps across a killed process, but not across an OS crash or power loss.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import secrets
 import shutil
 import threading
@@ -59,8 +63,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def ensure_dir(path: Path) -> None:
-    """Create ``path`` and its parents durably (each new entry fsynced in its parent).
+def ensure_dir(path: Path, *, sync: bool = True) -> None:
+    """Create ``path`` and its parents durably (each new entry fsynced in its parent unless ``sync`` is false).
 
     Folders already seen by this process are skipped without a syscall.
     """
@@ -76,32 +80,153 @@ def ensure_dir(path: Path) -> None:
             folder.mkdir()
         except FileExistsError:
             pass
-        fsync_dir(folder.parent)
+        if sync:
+            fsync_dir(folder.parent)
     with _known_dirs_lock:
         if len(_known_dirs) > 50_000:
             _known_dirs.clear()
         _known_dirs.add(path)
 
 
-def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], *, overwrite: bool = True) -> int:
+def _write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> int:
+    """Write every chunk to ``fd`` (one ``writev`` unless the kernel takes less); returns the byte count."""
+    size = 0
+    views = [memoryview(chunk).cast("B") for chunk in chunks]
+    while views:
+        n = os.writev(fd, views)
+        size += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+    return size
+
+
+class FilePool:
+    """Unnamed empty files (``O_TMPFILE``) in one folder, made ahead of need by a background thread.
+
+    Creating a file costs the file system an inode allocation (a fifth to
+    half a millisecond here); taking a ready one moves that off the path
+    between receiving an instance and answering for it. A pooled file has
+    no name until :func:`write_atomic` links it into place, so a killed
+    process leaves nothing behind. Where ``O_TMPFILE`` or ``/proc/self/fd``
+    is missing, :attr:`supported` is false and writers use named temporary
+    files as before.
+    """
+
+    def __init__(self, folder: Path, size: int = 4) -> None:
+        self.folder = folder
+        self._ready: queue.Queue[int] = queue.Queue(maxsize=size)
+        self._closed = threading.Event()
+        self._dir_fd = -1
+        self.supported = self._probe()
+        if self.supported:
+            threading.Thread(target=self._fill, name="preread-file-pool", daemon=True).start()
+
+    def _probe(self) -> bool:
+        if not hasattr(os, "O_TMPFILE"):
+            return False
+        try:
+            self._dir_fd = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            fd = os.open(self.folder, os.O_TMPFILE | os.O_WRONLY, 0o640)
+        except OSError:
+            return False
+        probe = self.folder / f".probe.{secrets.token_hex(6)}.tmp"
+        try:
+            self.link(fd, probe)
+            os.unlink(probe)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def link(self, fd: int, path: Path) -> None:
+        """Give the pooled file ``fd`` the name ``path``; :class:`FileExistsError` if it exists."""
+        # a dir fd makes os.link call linkat(AT_SYMLINK_FOLLOW), which follows the /proc link to the file
+        os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=self._dir_fd)
+
+    def _fill(self) -> None:
+        while not self._closed.is_set():
+            try:
+                fd = os.open(self.folder, os.O_TMPFILE | os.O_WRONLY, 0o640)
+            except OSError:
+                self._closed.wait(1.0)  # e.g. the folder is gone or the disk is full: writers fall back
+                continue
+            while True:
+                try:
+                    self._ready.put(fd, timeout=0.5)
+                    break
+                except queue.Full:
+                    if self._closed.is_set():
+                        os.close(fd)
+                        return
+            if self._closed.is_set():
+                self._drain()
+
+    def take(self) -> int | None:
+        """A ready file descriptor, or ``None`` when none is ready."""
+        if not self.supported or self._closed.is_set():
+            return None
+        try:
+            return self._ready.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        """Stop making files and close the ready ones (a write holding one still links it)."""
+        self._closed.set()
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                os.close(self._ready.get_nowait())
+            except queue.Empty:
+                break
+
+    def __del__(self) -> None:
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+
+
+def write_atomic(
+    path: Path,
+    chunks: Iterable[bytes | memoryview],
+    *,
+    overwrite: bool = True,
+    sync: bool = True,
+    pool: FilePool | None = None,
+) -> int:
     """Write ``chunks`` to ``path`` crash-safely; returns the byte count.
 
     With ``overwrite=False`` an existing file is kept (``link`` instead of
-    ``rename``) and :class:`FileExistsError` is raised.
+    ``rename``) and :class:`FileExistsError` is raised; such a write takes
+    its file from ``pool`` when one is ready (same file system as ``path``).
+    With ``sync=False`` nothing is fsynced (safe against a killed process,
+    not against power loss).
     """
-    ensure_dir(path.parent)
+    ensure_dir(path.parent, sync=sync)
+    fd = pool.take() if pool is not None and not overwrite else None
+    if fd is not None:
+        try:
+            size = _write_all(fd, chunks)
+            if sync:
+                os.fsync(fd)
+            pool.link(fd, path)  # type: ignore[union-attr]  # fails if the path exists: first copy wins
+        finally:
+            os.close(fd)  # an unlinked file goes with its descriptor
+        if sync:
+            fsync_dir(path.parent)
+        return size
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    size = 0
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                    size += n
-            os.fsync(fd)
+            size = _write_all(fd, chunks)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if overwrite:
@@ -115,23 +240,32 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], *, overwrite:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
     return size
 
 
-def store_instance(root: Path, ident: InstanceIdentity, chunks: Iterable[bytes | memoryview]) -> StoredFile:
+def store_instance(
+    root: Path,
+    ident: InstanceIdentity,
+    chunks: Iterable[bytes | memoryview],
+    *,
+    sync: bool = True,
+    pool: FilePool | None = None,
+) -> StoredFile:
     """Keep one copy of an instance under ``root``; a duplicate SOP Instance UID keeps the first.
 
-    The existing file of a duplicate was fsynced before it was renamed into
-    place, so it is complete even if its database row was never written.
+    The existing file of a duplicate was written to a temporary file and
+    renamed into place (fsynced first unless ``sync`` is false), so it is
+    complete even if its database row was never written.
     """
     path = instance_path(root, ident)
     try:
-        return StoredFile(path, path.stat().st_size, False)
+        return StoredFile(path, os.stat(path).st_size, False)
     except FileNotFoundError:
         pass
     try:
-        size = write_atomic(path, chunks, overwrite=False)
+        size = write_atomic(path, chunks, overwrite=False, sync=sync, pool=pool)
     except FileExistsError:  # a concurrent association stored it first
         return StoredFile(path, path.stat().st_size, False)
     return StoredFile(path, size, True)
@@ -174,6 +308,7 @@ def quarantine(
     calling_ae: str = "",
     transfer_syntax: str = "",
     status: int | None = None,
+    sync: bool = True,
 ) -> Path:
     """Keep refused bytes as ``<timestamp>-<random>.dcm`` with a ``.reason.txt`` beside them.
 
@@ -183,7 +318,7 @@ def quarantine(
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
     name = f"{stamp}-{secrets.token_hex(4)}"
     target = folder / f"{name}{SUFFIX}"
-    size = write_atomic(target, chunks)
+    size = write_atomic(target, chunks, sync=sync)
     lines = [
         f"reason: {_one_line(reason)}",
         f"calling_ae: {_one_line(calling_ae)}",
@@ -193,7 +328,7 @@ def quarantine(
     ]
     if status is not None:
         lines.append(f"status: 0x{status:04X}")
-    write_atomic(folder / f"{name}.reason.txt", [("\n".join(lines) + "\n").encode()])
+    write_atomic(folder / f"{name}.reason.txt", [("\n".join(lines) + "\n").encode()], sync=sync)
     return target
 
 

@@ -24,22 +24,54 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets its folder created and safe pragmas."""
+def _sqlite_normal_sync(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    """WAL commits without fsync: safe against a killed process, not against power loss."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _postgres_async_commit(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    """Commits that do not wait for the WAL flush: safe against a killed client, not a server crash."""
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET synchronous_commit = off")
+        cursor.close()
+    finally:
+        dbapi_connection.autocommit = autocommit
+
+
+def make_engine(url: str, *, sync_writes: bool = True, pre_ping: bool = True) -> Engine:
+    """An engine for ``url``; SQLite gets its folder created and safe pragmas.
+
+    ``sync_writes=False`` (the listener with ``PREREAD_SYNC_WRITES=false``)
+    makes every commit of this engine durable against a killed process but
+    not against an OS crash or power loss: SQLite ``synchronous=NORMAL``
+    (WAL), Postgres ``synchronous_commit=off`` for its sessions.
+    ``pre_ping=False`` skips the round trip that tests a server connection
+    on each checkout (for callers that retry on a dead connection themselves).
+    """
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        if not sync_writes:
+            event.listen(engine, "connect", _sqlite_normal_sync)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=pre_ping)
+    if not sync_writes and engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", _postgres_async_commit)
+    return engine
 
 
 @lru_cache(maxsize=8)
-def engine_for(url: str) -> Engine:
-    """One engine per URL per process."""
-    return make_engine(url)
+def engine_for(url: str, *, sync_writes: bool = True, pre_ping: bool = True) -> Engine:
+    """One engine per URL (and durability mode, and pinging) per process."""
+    return make_engine(url, sync_writes=sync_writes, pre_ping=pre_ping)
 
 
 def session_factory(url: str) -> sessionmaker[Session]:

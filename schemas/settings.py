@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     tls_ca: Path | None = None
     stable_after: float = Field(30.0, description="Seconds without a new instance before a study is STABLE.")
     min_free_bytes: int = Field(512 * 1024 * 1024, description="Refuse C-STORE (0xA700) below this free space.")
+    sync_writes: bool = Field(
+        True,
+        description="True: an acknowledged instance survives power loss and OS crashes (file and folder fsynced, "
+        "SQLite synchronous=FULL, Postgres synchronous_commit as configured). False: it survives the listener "
+        "process being killed, not an OS crash or power loss (no fsync; SQLite synchronous=NORMAL in WAL mode and "
+        "Postgres synchronous_commit=off on the listener's connections); faster ingest.",
+    )
 
     # --- queue ------------------------------------------------------------------------
     visibility_timeout: int = Field(3600, description="Seconds before Redis redelivers an unacknowledged task.")

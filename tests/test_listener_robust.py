@@ -214,8 +214,15 @@ def test_500_malformed_datasets_refused_and_listener_keeps_serving(listener_fact
 
 
 @pytest.mark.slow
-def test_sigkill_mid_transfer_loses_nothing_acknowledged(listener_factory, raw_send, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    lp = listener_factory(PREREAD_STABLE_AFTER="2")
+@pytest.mark.parametrize(
+    ("sync_writes", "sqlite"),
+    [("true", False), ("false", False), ("false", True)],
+    ids=["sync-postgres", "nosync-postgres", "nosync-sqlite"],
+)
+def test_sigkill_mid_transfer_loses_nothing_acknowledged(listener_factory, raw_send, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                         sync_writes: str, sqlite: bool) -> None:
+    # PREREAD_SYNC_WRITES=false gives up power-loss safety, never kill -9 safety: the page cache outlives the process
+    lp = listener_factory(PREREAD_STABLE_AFTER="2", PREREAD_SYNC_WRITES=sync_writes, sqlite=sqlite)
     files = clone_series(testdata("CT_small.dcm"), tmp_path / "series", 300)
     study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     acknowledged: list[Path] = []

@@ -14,9 +14,20 @@ from pydicom.uid import generate_uid
 from sqlalchemy import delete, func, select, update
 
 from ingest import storage
-from ingest.catalog import InstanceIdentity, identity_of, record_instance
+from ingest.catalog import (
+    InstanceIdentity,
+    InvalidIdentity,
+    identity_of,
+    record_instance,
+)
 from ingest.index import InstanceIndex
-from ingest.listener import Malformed, check_structure, header_dataset
+from ingest.listener import (
+    Malformed,
+    _raw_identity,
+    check_structure,
+    file_meta_bytes,
+    header_dataset,
+)
 from ingest.stability import StabilityMonitor, mark_stable
 from schemas.database import engine_for, session_scope
 from schemas.tables import Instance, Outbox, Series, Study, StudyState, utcnow
@@ -159,8 +170,14 @@ def _age_studies(url: str, seconds: float) -> None:
         session.execute(update(Study).values(last_received_at=utcnow() - timedelta(seconds=seconds)))
 
 
-def test_index_fast_path_and_stability_with_reopen(db_url: str, tmp_path: Path) -> None:
-    index = InstanceIndex(engine_for(db_url))
+@pytest.mark.parametrize(
+    ("sync_writes", "driver_sql"), [(True, True), (False, True), (True, False)], ids=["sync", "nosync", "core"]
+)
+def test_index_fast_path_and_stability_with_reopen(db_url: str, tmp_path: Path, sync_writes: bool,
+                                                   driver_sql: bool) -> None:
+    index = InstanceIndex(engine_for(db_url, sync_writes=sync_writes, pre_ping=False))
+    if not driver_sql:  # the SQLAlchemy Core statements other drivers get
+        index._raw = index._postgres = False
     study, series = generate_uid(), generate_uid()
     first = _ds(study, series, 1)
     assert index.record(first, identity_of(first), tmp_path / "a.dcm", 10, "1.2.840.10008.1.2.1")
@@ -273,3 +290,133 @@ def test_sweep_temporary_removes_only_old_leftovers(tmp_path: Path) -> None:
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     assert storage.sweep_temporary(tmp_path, older_than=600) == 1
     assert not old.exists() and fresh.exists() and kept.exists()
+
+
+# --- the fast paths and sync_writes ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),
+     ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.45", "1.2.840.10008.1.2"),
+     ("1.2", "1." + "9" * 62, "1.2.840.10008.1.2.4.50")],
+)
+def test_file_meta_bytes_is_what_pynetdicom_encodes(sop_class: str, sop_instance: str, syntax: str) -> None:
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    meta = create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
+                            transfer_syntax=UID(syntax))
+    assert file_meta_bytes(None, sop_class, sop_instance, syntax) == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "image_dfl.dcm", "JPEG-LL.dcm",
+                                  "MR_small_bigendian.dcm", "bad_sequence.dcm"])
+def test_raw_identity_agrees_with_identity_of(name: str) -> None:
+    data, stream, ts = _encoded(name)
+    found = check_structure(stream, ts)
+    raw = _raw_identity(found)
+    try:
+        slow = identity_of(header_dataset(data, found, ts))
+    except InvalidIdentity:
+        slow = None
+    assert raw is None or raw == slow
+
+
+def test_raw_identity_leaves_odd_values_to_identity_of() -> None:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    def found(study: bytes) -> dict:  # type: ignore[type-arg]
+        values = {"StudyInstanceUID": study, "SeriesInstanceUID": b"1.2.3\x00", "SOPInstanceUID": b"1.2.4 ",
+                  "SOPClassUID": b"1.2.840.10008.5.1.4.1.1.2\x00"}
+        return {int(Tag(k)): RawDataElement(Tag(k), "UI", len(v), v, 0, False, True) for k, v in values.items()}
+
+    assert _raw_identity(found(b"1.2")) == InstanceIdentity("1.2", "1.2.3", "1.2.4", "1.2.840.10008.5.1.4.1.1.2")
+    for bad in (b"1.2\\1.3", b"../x", b"", b"1.2 \x00", "1.\u00e9".encode()):
+        assert _raw_identity(found(bad)) is None
+
+
+def test_write_atomic_without_sync_never_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fsync(fd: int) -> None:
+        raise AssertionError("fsync with sync=False")
+
+    monkeypatch.setattr(storage.os, "fsync", no_fsync)
+    stored = storage.store_instance(tmp_path, GOOD, [b"abc", memoryview(b"def")], sync=False)
+    assert stored.written and stored.path.read_bytes() == b"abcdef"
+    assert not storage.store_instance(tmp_path, GOOD, [b"other"], sync=False).written
+    assert storage.quarantine(tmp_path / "q", [b"bad"], reason="r", sync=False).read_bytes() == b"bad"
+    with pytest.raises(AssertionError):
+        storage.write_atomic(tmp_path / "synced.dcm", [b"x"])
+
+
+def test_write_atomic_many_chunks(tmp_path: Path) -> None:
+    chunks = [bytes([i]) * (i * 1000) for i in range(40)] + [memoryview(b""), b"end"]
+    target = tmp_path / "many.dcm"
+    assert storage.write_atomic(target, chunks) == sum(len(c) for c in chunks)
+    assert target.read_bytes() == b"".join(bytes(c) for c in chunks)
+
+
+def test_sync_writes_setting_reaches_the_database(db_url: str) -> None:
+    from sqlalchemy import text
+
+    safe, fast = engine_for(db_url), engine_for(db_url, sync_writes=False, pre_ping=False)
+    if db_url.startswith("sqlite"):
+        query, expected = "PRAGMA synchronous", (2, 1)  # FULL, NORMAL
+    else:
+        query, expected = "SHOW synchronous_commit", ("on", "off")
+    with safe.connect() as conn:
+        assert conn.execute(text(query)).scalar() == expected[0]
+    with fast.connect() as conn:
+        assert conn.execute(text(query)).scalar() == expected[1]
+
+
+def test_index_survives_a_dropped_server_connection(pg_url: str, tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    engine = engine_for(pg_url, sync_writes=False, pre_ping=False)
+    index = InstanceIndex(engine)
+    study, series = generate_uid(), generate_uid()
+    for n in range(1, 4):
+        ds = _ds(study, series, n)
+        assert index.record(ds, identity_of(ds), tmp_path / f"{n}.dcm", 10, "1.2.840.10008.1.2.1")
+    with engine_for(pg_url).connect() as conn:  # the server drops the index's pooled connections
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+    ds = _ds(study, series, 4)
+    assert index.record(ds, identity_of(ds), tmp_path / "4.dcm", 10, "1.2.840.10008.1.2.1")
+    with session_scope(pg_url) as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 4
+
+
+def test_file_pool_writes_link_in_place_and_leave_no_temporary_names(tmp_path: Path) -> None:
+    import time
+
+    pool = storage.FilePool(tmp_path)
+    try:
+        assert pool.supported  # ext4, xfs, btrfs and tmpfs all have O_TMPFILE
+        deadline = time.monotonic() + 5
+        while pool._ready.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stored = storage.store_instance(tmp_path, GOOD, [b"abc", memoryview(b"def")], pool=pool)
+        assert stored.written and stored.path.read_bytes() == b"abcdef"
+        assert stored.path.stat().st_mode & 0o777 == 0o640 & ~_umask()
+        with pytest.raises(FileExistsError):  # first copy wins, as with named temporary files
+            storage.write_atomic(stored.path, [b"other"], overwrite=False, pool=pool)
+        assert stored.path.read_bytes() == b"abcdef"
+        names = [p.name for p in tmp_path.rglob("*")]
+        assert not [n for n in names if n.endswith(".tmp")]
+    finally:
+        pool.close()
+    # a closed pool hands out nothing; writers fall back to named temporary files
+    assert pool.take() is None
+    other = InstanceIdentity("1.2.3", "1.2.3.4", "1.2.3.4.6", GOOD.sop_class_uid)
+    assert storage.store_instance(tmp_path, other, [b"x"], pool=pool).path.read_bytes() == b"x"
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

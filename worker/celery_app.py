@@ -33,6 +33,7 @@ def embedded_broker(settings: Settings) -> tuple[str, dict[str, object]]:
         "data_folder_in": str(folder),
         "data_folder_out": str(folder),
         "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
         "store_processed": False,
     }
     return "filesystem://", options
