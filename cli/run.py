@@ -22,6 +22,16 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = 2.0
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if ``preread run`` itself dies (Linux), so no worker is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Child:
     """A supervised child process: started again if it dies while we run."""
 
@@ -34,11 +44,13 @@ class Child:
     def start(self) -> None:
         """Start the child; its output goes to its log file, or to ours when it has none."""
         if self.log_file is None:
-            self.proc = subprocess.Popen(self.argv)
+            self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent)
         else:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_file, "ab") as out:
-                self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                self.proc = subprocess.Popen(
+                    self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                )
         self.started_at = time.monotonic()
 
     def check(self) -> None:
@@ -50,10 +62,16 @@ class Child:
             self.restarts += 1
             self.start()
 
+    def terminate(self) -> None:
+        """Ask the child to stop (a warm shutdown: running tasks finish)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 20.0) -> None:
+        """Wait for the child to stop; kill it after ``timeout`` seconds."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -94,7 +112,7 @@ def run(
         if listen or name != "listener"
     ]
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     for child in children:
         child.start()
@@ -122,6 +140,8 @@ def run(
                     log.info("studies: %s; outbox pending: %d", s.states, s.outbox_pending)
     finally:
         stop.set()
+        for child in children:
+            child.terminate()
         for child in reversed(children):
             child.stop()
         coordinator.join(timeout=5)
