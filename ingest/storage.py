@@ -8,6 +8,8 @@ either exists complete after ``kill -9`` or power loss, or not at all. With
 ``sync=False`` (``PREREAD_SYNC_WRITES=false``) the two ``fsync`` calls are
 skipped: the rename still makes a file appear only complete, which the page
 cache keeps across a killed process, but not across an OS crash or power loss.
+The listener takes its temporary files from a :class:`FilePool` of unnamed
+files made ahead in the storage folder and links them into place.
 """
 
 from __future__ import annotations
