@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.procs import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 PREREAD = [sys.executable, "-m", "cli.main"]
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
@@ -45,36 +48,16 @@ STORESCU = shutil.which("storescu")
 ECHOSCU = shutil.which("echoscu")
 
 
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def make_instances(folder: Path, count: int) -> list[Path]:
-    """``count`` CT instances of one series, each a 512x512 clone with new UIDs."""
-    from pydicom import dcmread
+    """``count`` CT instances of one series, each a 512x512 clone of pydicom-data's 693_UNCR with new UIDs."""
     from pydicom.data import get_testdata_file
-    from pydicom.uid import generate_uid
+
+    from tests.test_listener_support import clone_series
 
     source = get_testdata_file("693_UNCR.dcm")
     if source is None:
         raise SystemExit("pydicom-data is needed (693_UNCR.dcm)")
-    template = dcmread(source)
-    assert (template.Rows, template.Columns) == (512, 512)
-    study, series = generate_uid(), generate_uid()
-    paths = []
-    for i in range(count):
-        ds = template.copy()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        path = folder / f"ct{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    return clone_series(Path(source), folder, count)
 
 
 def wait_echo(port: int, aet: str, timeout: float = 60.0) -> None:
@@ -251,8 +234,8 @@ def main() -> None:
     db = "Postgres" if args.postgres else "SQLite (embedded)"
     print(f"\n{args.count} CT instances, 512x512, {size / 1024:.0f} KiB each, dcmtk storescu, {os.cpu_count()} CPUs, "
           f"preread database: {db}{f', best of {args.repeat} runs' if args.repeat > 1 else ''}\n")
-    print(f"| receiver | 1 association | 4 associations |")
-    print(f"|---|---:|---:|")
+    print("| receiver | 1 association | 4 associations |")
+    print("|---|---:|---:|")
     print(f"| (a) bare pynetdicom SCP, discards | {bare1:.0f}/s | {bare4:.0f}/s |")
     print(f"| (b) preread listen | {pre1:.0f}/s ({pre1 / bare1:.2f}x a) | {pre4:.0f}/s |")
     print(f"| (b) preread listen --workers 2 | | {pre4w:.0f}/s ({pre4w / pre1:.2f}x b, 1 assoc) |")
