@@ -74,7 +74,8 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     return text[:limit] or None
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def int_attribute(ds: Dataset, keyword: str) -> int | None:
+    """An integer attribute, or None when absent or unreadable (IS values can be malformed)."""
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None
@@ -174,7 +175,7 @@ def upsert_series(session: Session, ds: Dataset, ident: InstanceIdentity, study_
         study_id=study_id,
         series_instance_uid=ident.series_uid,
         modality=_text(ds, "Modality", 16),
-        series_number=_int(ds, "SeriesNumber"),
+        series_number=int_attribute(ds, "SeriesNumber"),
         series_description=_text(ds, "SeriesDescription", 64),
         body_part=_text(ds, "BodyPartExamined", 64),
         created_at=utcnow(),
@@ -200,7 +201,7 @@ def record_instance(
     ident = identity_of(ds)
     study_id = upsert_study(session, ds, ident, source)
     series_id = upsert_series(session, ds, ident, study_id)
-    frames = _int(ds, "NumberOfFrames") or 1
+    frames = int_attribute(ds, "NumberOfFrames") or 1
     result = session.execute(
         _insert(session, Instance)
         .values(
@@ -208,7 +209,7 @@ def record_instance(
             sop_instance_uid=ident.sop_instance_uid,
             sop_class_uid=ident.sop_class_uid,
             transfer_syntax_uid=transfer_syntax_uid,
-            instance_number=_int(ds, "InstanceNumber"),
+            instance_number=int_attribute(ds, "InstanceNumber"),
             number_of_frames=frames,
             path=str(path),
             size_bytes=size_bytes,

@@ -25,7 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from ingest.catalog import InstanceIdentity, _int, record_instance
+from ingest.catalog import InstanceIdentity, int_attribute, record_instance
 from schemas.tables import Instance, Series, Study, StudyState, UTCDateTime, utcnow
 
 #: Series whose ids are remembered, per process.
@@ -213,8 +213,8 @@ class InstanceIndex:
         study_id, series_id = ids
         stamp = self._stamp(now)
         row = (
-            series_id, ident.sop_instance_uid, ident.sop_class_uid, transfer_syntax, _int(ds, "InstanceNumber"),
-            _int(ds, "NumberOfFrames") or 1, str(path), size, stamp,
+            series_id, ident.sop_instance_uid, ident.sop_class_uid, transfer_syntax, int_attribute(ds, "InstanceNumber"),
+            int_attribute(ds, "NumberOfFrames") or 1, str(path), size, stamp,
         )
         touch = (stamp, stamp, stamp, study_id)
         for attempt in (1, 2):
@@ -282,8 +282,8 @@ class InstanceIndex:
                 "sop_instance_uid": ident.sop_instance_uid,
                 "sop_class_uid": ident.sop_class_uid,
                 "transfer_syntax_uid": transfer_syntax,
-                "instance_number": _int(ds, "InstanceNumber"),
-                "number_of_frames": _int(ds, "NumberOfFrames") or 1,
+                "instance_number": int_attribute(ds, "InstanceNumber"),
+                "number_of_frames": int_attribute(ds, "NumberOfFrames") or 1,
                 "path": str(path),
                 "size_bytes": size,
                 "received_at": now,

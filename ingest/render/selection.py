@@ -23,6 +23,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from ingest.catalog import int_attribute
 from ingest.render.errors import UnreadableInstance
 
 VOLUME_MODALITIES = frozenset({"CT", "MR"})
@@ -160,14 +161,6 @@ def _str(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except Exception:
-        return None
-
-
 def _floats(value: object, n: int) -> tuple[float, ...] | None:
     try:
         out = tuple(float(v) for v in value)  # type: ignore[union-attr]
@@ -189,7 +182,7 @@ def _group_value(ds: Dataset, frame: int, sequence: str, keyword: str) -> object
 
 def header_of(ds: Dataset, path: Path) -> InstanceHeader:
     """The selection attributes of a read dataset."""
-    frames = max(_int(ds, "NumberOfFrames") or 1, 1)
+    frames = max(int_attribute(ds, "NumberOfFrames") or 1, 1)
     image_type = ds.get("ImageType") or ()
     image_type = (image_type,) if isinstance(image_type, str) else tuple(str(v) for v in image_type)
     orientation = _floats(ds.get("ImageOrientationPatient"), 6)
@@ -213,11 +206,11 @@ def header_of(ds: Dataset, path: Path) -> InstanceHeader:
         series_instance_uid=_str(ds, "SeriesInstanceUID"),
         modality=_str(ds, "Modality").upper(),
         image_type=image_type,
-        series_number=_int(ds, "SeriesNumber"),
-        instance_number=_int(ds, "InstanceNumber"),
+        series_number=int_attribute(ds, "SeriesNumber"),
+        instance_number=int_attribute(ds, "InstanceNumber"),
         series_description=_str(ds, "SeriesDescription"),
-        rows=_int(ds, "Rows") or 0,
-        columns=_int(ds, "Columns") or 0,
+        rows=int_attribute(ds, "Rows") or 0,
+        columns=int_attribute(ds, "Columns") or 0,
         number_of_frames=frames,
         has_pixels=has_pixels,
         orientation=orientation,
