@@ -5,6 +5,9 @@ new UIDs) are sent over one association, then over 4 associations at once, to
 
 (a) a bare pynetdicom SCP that discards what it receives (the ceiling for a
     pynetdicom receiver on this machine),
+(a') the same SCP on the listener's lean pynetdicom plumbing (``ingest.dimse``:
+    recv_into, C-STORE-RSP encoded directly, no per-PDU debug handlers), so
+    that the cost of keeping instances shows apart from the plumbing's gain,
 (b) ``preread listen`` (and ``preread listen --workers 2`` for 4 associations),
     power-loss safe (``sync_writes`` on, the default),
 (b') the same with ``PREREAD_SYNC_WRITES=false``: safe against a killed
@@ -12,7 +15,10 @@ new UIDs) are sent over one association, then over 4 associations at once, to
     ``synchronous=NORMAL``, Postgres ``synchronous_commit=off``),
 (c) Orthanc with a temporary configuration, when ``/usr/sbin/Orthanc`` exists.
 
-Prints one table of instances/s. Usage::
+Prints one table of instances/s, then the durable-write floor: what writing
+one instance-sized file crash-safely (write, fsync, link, fsync of the
+folder) costs on this disk with no DICOM at all, against (a)'s time per
+instance. Usage::
 
     .venv/bin/python bench/ingest.py [--count 500] [--postgres ADMIN_URL] [--repeat N]
 
@@ -87,6 +93,11 @@ def send(port: int, aet: str, groups: list[list[Path]]) -> float:
     return elapsed
 
 
+def size_of(paths: list[Path]) -> float:
+    """Mean file size in bytes."""
+    return sum(p.stat().st_size for p in paths) / len(paths)
+
+
 def split(paths: list[Path], n: int) -> list[list[Path]]:
     """``n`` groups of about equal size."""
     return [paths[i::n] for i in range(n)]
@@ -118,14 +129,19 @@ for cx in AllStoragePresentationContexts:
 def discard(event):
     event.encoded_dataset()
     return 0x0000
-ae.start_server(("127.0.0.1", {port}), evt_handlers=[(evt.EVT_C_STORE, discard)])
+kwargs = {{}}
+if {lean!r}:
+    from ingest import dimse
+    dimse.quiet_pynetdicom()
+    kwargs["request_handler"] = dimse.ListenerRequestHandler
+ae.make_server(("127.0.0.1", {port}), evt_handlers=[(evt.EVT_C_STORE, discard)], **kwargs).serve_forever()
 """
 
 
-def run_bare(paths: list[Path]) -> tuple[float, float]:
-    """(a) instances/s over 1 and 4 associations into a discarding pynetdicom SCP."""
+def run_bare(paths: list[Path], lean: bool = False) -> tuple[float, float]:
+    """(a) instances/s over 1 and 4 associations into a discarding pynetdicom SCP ((a') with ``lean``)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", BARE_SCP.format(root=str(ROOT), port=port)])
+    proc = subprocess.Popen([sys.executable, "-c", BARE_SCP.format(root=str(ROOT), port=port, lean=lean)])
     try:
         wait_echo(port, "BARE")
         one = len(paths) / send(port, "BARE", [paths])
@@ -205,6 +221,25 @@ def run_orthanc(paths: list[Path]) -> tuple[float, float] | None:
     return results[0], results[1]
 
 
+def durable_write_ms(size: int, count: int = 100) -> float:
+    """Milliseconds to write one ``size``-byte file crash-safely here (temporary file, fsync, link, folder fsync)."""
+    payload = os.urandom(size)
+    with tempfile.TemporaryDirectory(prefix="bench-fsync-", dir=tempfile.gettempdir()) as tmp:
+        folder = os.open(tmp, os.O_RDONLY)
+        try:
+            started = time.perf_counter()
+            for i in range(count):
+                fd = os.open(os.path.join(tmp, f".{i}.tmp"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                os.write(fd, payload)
+                os.fsync(fd)
+                os.close(fd)
+                os.rename(os.path.join(tmp, f".{i}.tmp"), os.path.join(tmp, f"{i}.dcm"))
+                os.fsync(folder)
+            return (time.perf_counter() - started) / count * 1000
+        finally:
+            os.close(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500)
@@ -218,11 +253,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-ct-") as tmp:
         paths = make_instances(Path(tmp), args.count)
-        size = sum(p.stat().st_size for p in paths) / len(paths)
-        bare1 = bare4 = pre1 = pre4 = pre4w = fast1 = fast4 = fast4w = 0.0
+        size = size_of(paths)
+        bare1 = bare4 = lean1 = lean4 = pre1 = pre4 = pre4w = fast1 = fast4 = fast4w = 0.0
+        floor = float("inf")
         for _ in range(max(1, args.repeat)):  # rounds of every receiver, so that slow spells hit all alike
             one, four = run_bare(paths)
             bare1, bare4 = max(bare1, one), max(bare4, four)
+            one, four = run_bare(paths, lean=True)
+            lean1, lean4 = max(lean1, one), max(lean4, four)
+            floor = min(floor, durable_write_ms(int(size_of(paths))))
             pre1 = max(pre1, run_preread(paths, 1, args.postgres, 1))
             fast1 = max(fast1, run_preread(paths, 1, args.postgres, 1, sync_writes=False))
             pre4 = max(pre4, run_preread(paths, 1, args.postgres, 4))
@@ -237,6 +276,7 @@ def main() -> None:
     print("| receiver | 1 association | 4 associations |")
     print("|---|---:|---:|")
     print(f"| (a) bare pynetdicom SCP, discards | {bare1:.0f}/s | {bare4:.0f}/s |")
+    print(f"| (a') the same on the listener's lean plumbing | {lean1:.0f}/s | {lean4:.0f}/s |")
     print(f"| (b) preread listen | {pre1:.0f}/s ({pre1 / bare1:.2f}x a) | {pre4:.0f}/s |")
     print(f"| (b) preread listen --workers 2 | | {pre4w:.0f}/s ({pre4w / pre1:.2f}x b, 1 assoc) |")
     print(f"| (b') preread listen, PREREAD_SYNC_WRITES=false | {fast1:.0f}/s ({fast1 / bare1:.2f}x a) | {fast4:.0f}/s |")
@@ -246,6 +286,10 @@ def main() -> None:
         print(f"| (c) Orthanc {orthanc_version()} | {orthanc[0]:.0f}/s | {orthanc[1]:.0f}/s |")
     else:
         print("| (c) Orthanc | not installed | |")
+    per_instance = 1000 / bare1
+    print(f"\nDurable-write floor: one {size / 1024:.0f} KiB file written crash-safely (write, fsync, rename, "
+          f"folder fsync) takes {floor:.2f} ms here, with no DICOM at all: {floor / per_instance:.0%} of (a)'s "
+          f"{per_instance:.2f} ms per instance; (b) at 0.85x (a) leaves {per_instance / 0.85 - per_instance:.2f} ms.")
 
 
 def orthanc_version() -> str:

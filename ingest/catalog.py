@@ -74,8 +74,21 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     return text[:limit] or None
 
 
+_INTEGER_TEXT = re.compile(rb"[ \x00]*[+-]?[0-9]{1,12}[ \x00]*")
+
+
 def int_attribute(ds: Dataset, keyword: str) -> int | None:
-    """An integer attribute, or None when absent or unreadable (IS values can be malformed)."""
+    """An integer attribute, or None when absent or unreadable (IS values can be malformed).
+
+    A still-raw element holding plain integer text is read straight from
+    its bytes, without pydicom's conversion (the listener's hot path).
+    """
+    try:
+        raw = ds.get_item(keyword)
+    except Exception:
+        raw = None
+    if raw is not None and isinstance(raw.value, bytes) and _INTEGER_TEXT.fullmatch(raw.value):
+        return int(raw.value.strip(b" \x00"))
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None

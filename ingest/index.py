@@ -212,6 +212,8 @@ class InstanceIndex:
         """
         study_id, series_id = ids
         stamp = self._stamp(now)
+        if not self._postgres and isinstance(stamp, datetime):
+            stamp = stamp.isoformat(" ")  # what sqlite3's default adapter would make of it, without the adapter
         row = (
             series_id, ident.sop_instance_uid, ident.sop_class_uid, transfer_syntax, int_attribute(ds, "InstanceNumber"),
             int_attribute(ds, "NumberOfFrames") or 1, str(path), size, stamp,

@@ -1,7 +1,9 @@
 """The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE.
 
-Every accepted instance is written as received (no decode, no re-encode),
-fsynced and renamed into place, then indexed in one database transaction;
+Every accepted instance is written as received (no decode, no re-encode):
+its data set goes to an unnamed file as the fragments arrive (see
+:mod:`ingest.dimse`), is checked, fsynced and linked into place, then
+indexed in one database transaction;
 only then does the peer get 0x0000 (``sync_writes=False`` skips the fsyncs
 and the synchronous commit: an acknowledged instance then survives a killed
 process, not a power loss). What cannot be kept is refused with a
@@ -28,7 +30,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -55,19 +57,17 @@ from pydicom.uid import (
 )
 from pynetdicom import (
     AE,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
     evt,
 )
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from ingest import access, storage
+from ingest import access, dimse, storage
 from ingest.catalog import InstanceIdentity, InvalidIdentity, identity_of, is_valid_uid
 from ingest.index import InstanceIndex
+from ingest.part10 import file_meta_bytes
 from ingest.stability import StabilityMonitor
 from ingest.tls import server_context
 from schemas.database import engine_for
@@ -112,8 +112,28 @@ MAX_ASSOCIATIONS = 64
 MAX_PDU_SIZE = 1024 * 1024
 #: Largest inflated size of a deflated data set (a deflate bomb is refused, not inflated).
 MAX_INFLATED = 1 << 30
+#: Free space beyond the watermark a spool needs before it starts (the instance's size is not yet known).
+SPOOL_HEADROOM = 64 * 1024 * 1024
+#: Seconds a worker sharing the listening socket waits, per association it serves, before accepting another.
+ACCEPT_DEFER = 0.005
 #: Seconds a TLS handshake may take in the accept loop.
 TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+class ConnectionCount:
+    """Connections this process is serving: counted at accept, uncounted at ``evt.EVT_CONN_CLOSE``."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def opened(self) -> None:
+        with self._lock:
+            self.value += 1
+
+    def closed(self) -> None:
+        with self._lock:
+            self.value = max(0, self.value - 1)
 
 
 @dataclass
@@ -128,6 +148,8 @@ class IngestContext:
     sync_writes: bool = True
     #: Files made ahead in the storage folder (set by :meth:`Listener.start`).
     file_pool: storage.FilePool | None = None
+    #: Connections being served (a busy worker lets an idle sibling accept first).
+    connections: ConnectionCount = field(default_factory=ConnectionCount)
 
 
 # --- the C-STORE path ------------------------------------------------------------------
@@ -174,50 +196,6 @@ def check_structure(stream: bytes | memoryview, transfer_syntax: str) -> dict[in
     if end != len(data):
         raise Malformed("trailing bytes after the data set")
     return found
-
-
-_PREAMBLE = b"\x00" * 128 + b"DICM"
-#: (0002,0001) File Meta Information Version 00 01.
-_META_VERSION = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"
-
-
-def _short_element(elem: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian group 0002 element with a 2-byte length."""
-    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
-
-
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _implementation_elements() -> bytes:
-    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
-    if len(version) % 2:
-        version += b" "
-    return _short_element(0x0012, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)) + _short_element(0x0013, b"SH", version)
-
-
-_IMPLEMENTATION = _implementation_elements()
-
-
-def file_meta_bytes(event: Event, sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and File Meta Information, byte for byte what ``event.encoded_dataset()`` puts first.
-
-    Encoded directly (pydicom's writer costs a fifth of a millisecond per
-    instance); falls back to pynetdicom for values that are not plain ASCII.
-    """
-    try:
-        body = b"".join((
-            _META_VERSION,
-            _short_element(0x0002, b"UI", _ui(sop_class)),
-            _short_element(0x0003, b"UI", _ui(sop_instance)),
-            _short_element(0x0010, b"UI", _ui(transfer_syntax)),
-            _IMPLEMENTATION,
-        ))
-    except (UnicodeEncodeError, struct.error):
-        return _PREAMBLE + encode_file_meta(event.file_meta)
-    return _PREAMBLE + struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
 def header_dataset(encoded: bytes | Callable[[], bytes], found: dict[int, RawDataElement],
@@ -352,14 +330,45 @@ def handle_store(event: Event, ctx: IngestContext) -> int:
     request = event.request
     transfer_syntax = str(event.context.transfer_syntax)
     sop_class = str(request.AffectedSOPClassUID or "")
-    # the received bytes, not copied: a view of pynetdicom's buffer, released before we answer
-    with request.DataSet.getbuffer() as view:  # type: ignore[union-attr]
-        return _store(event, ctx, view, started, calling_ae, transfer_syntax, sop_class)
+    spool = dimse.take_spool(event.assoc, request.MessageID)
+    try:
+        if spool is not None:  # the data set went to the spool only
+            if spool.broken:
+                LOGGER.error("C-STORE refused 0x%04X: cannot write %s: spool write failed", STORE_FAILED,
+                             _safe(request.AffectedSOPInstanceUID))
+                return STORE_FAILED
+            with spool.data_set() as view:
+                return _store(event, ctx, view, started, calling_ae, transfer_syntax, sop_class, spool)
+        # the received bytes, not copied: a view of pynetdicom's buffer, released before we answer
+        with request.DataSet.getbuffer() as view:  # type: ignore[union-attr]
+            return _store(event, ctx, view, started, calling_ae, transfer_syntax, sop_class)
+    finally:
+        if spool is not None:
+            spool.close()  # a no-op once committed
+
+
+def open_spool(ctx: IngestContext) -> dimse.SpoolOpener:
+    """The listener's spool opener: a pooled file starting with the instance's Part 10 header.
+
+    Declines (the handler then writes from memory, or refuses) when no
+    pooled file is ready or the disk is near its free-space watermark.
+    """
+
+    def opener(sop_class: str, sop_instance: str, transfer_syntax: str) -> storage.Spool | None:
+        if not storage.has_free_space(ctx.storage_dir, ctx.min_free_bytes, SPOOL_HEADROOM):
+            return None
+        spool = storage.Spool.open(ctx.file_pool, sync=ctx.sync_writes)
+        if spool is not None:
+            spool.head = file_meta_bytes(sop_class, sop_instance, transfer_syntax)
+            spool.write(spool.head)
+        return spool
+
+    return opener
 
 
 def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, calling_ae: str, transfer_syntax: str,
-           sop_class: str) -> int:
-    """:func:`handle_store` on ``view``, the data set as received."""
+           sop_class: str, spool: storage.Spool | None = None) -> int:
+    """:func:`handle_store` on ``view``, the data set as received (and perhaps already in ``spool``)."""
     request = event.request
     size = view.nbytes
     if not storage.has_free_space(ctx.storage_dir, ctx.min_free_bytes, size):
@@ -370,7 +379,7 @@ def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, c
         return OUT_OF_RESOURCES
 
     # preamble + file meta, then the bytes as received: what event.encoded_dataset() returns, in two pieces
-    meta = file_meta_bytes(event, sop_class, str(request.AffectedSOPInstanceUID or ""), transfer_syntax)
+    meta = file_meta_bytes(sop_class, str(request.AffectedSOPInstanceUID or ""), transfer_syntax)
     chunks = (meta, view)
 
     def encoded() -> bytes:
@@ -392,8 +401,13 @@ def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, c
         return _refuse(ctx, chunks, IDENTITY_MISMATCH, "SOP Class/Instance UID differ from the C-STORE request",
                        calling_ae, transfer_syntax, sop_class)
 
+    # the spool holds these very bytes, after this very header (else: copy them to a new file)
+    usable = spool is not None and spool.head == meta
     try:
-        stored = storage.store_instance(ctx.storage_dir, ident, chunks, sync=ctx.sync_writes, pool=ctx.file_pool)
+        if usable:
+            stored = storage.store_spooled(ctx.storage_dir, ident, spool)  # type: ignore[arg-type]
+        else:
+            stored = storage.store_instance(ctx.storage_dir, ident, chunks, sync=ctx.sync_writes, pool=ctx.file_pool)
     except OSError as exc:
         LOGGER.error("C-STORE refused 0x%04X: cannot write %s: %s", STORE_FAILED, ident.sop_instance_uid, exc.strerror)
         return STORE_FAILED
@@ -407,9 +421,9 @@ def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, c
         return STORE_FAILED
 
     LOGGER.debug(
-        "stored %s (study %s, SOP class %s, %d bytes, %s, from %s%s) in %.1f ms",
+        "stored %s (study %s, SOP class %s, %d bytes, %s, from %s%s%s) in %.1f ms",
         ident.sop_instance_uid, ident.study_uid, sop_class, stored.size, transfer_syntax, calling_ae,
-        "" if new_row else ", duplicate", (time.perf_counter() - started) * 1000,
+        "" if new_row else ", duplicate", ", spooled" if usable else "", (time.perf_counter() - started) * 1000,
     )
     return SUCCESS
 
@@ -441,6 +455,12 @@ def handle_accepted(event: Event) -> None:
                 requestor.address, requestor.port)
 
 
+def handle_closed(event: Event, ctx: IngestContext) -> None:
+    """``evt.EVT_CONN_CLOSE``: drop the spool of a transfer the peer broke off; one connection fewer."""
+    dimse.close_spools(event.assoc)
+    ctx.connections.closed()
+
+
 def handle_echo(event: Event) -> int:
     """``evt.EVT_C_ECHO``: always success."""
     return SUCCESS
@@ -450,17 +470,39 @@ def handle_echo(event: Event) -> int:
 
 
 class ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with ``SO_REUSEPORT`` (N processes, one port) and a bounded TLS handshake."""
+    """pynetdicom's threaded server with ``SO_REUSEPORT`` (N processes, one port) and a bounded TLS handshake.
+
+    With :attr:`listen_socket` set it serves a listening socket made by the
+    parent process and shared by every worker (see :func:`ingest.serve.shared_socket`):
+    all workers wait on one accept queue, and a worker that is already
+    serving associations waits :data:`ACCEPT_DEFER` seconds per association
+    before it accepts, so that an idle sibling takes the connection first.
+    """
 
     reuse_port = False
+    listen_socket: socket.socket | None = None
 
     def server_bind(self) -> None:
+        if self.listen_socket is not None:
+            self.socket.close()
+            self.socket = self.listen_socket
+            self.server_address = self.socket.getsockname()
+            return
         if self.reuse_port:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def server_activate(self) -> None:
+        if self.listen_socket is None:
+            super().server_activate()
+
     def get_request(self) -> tuple[socket.socket, Any]:
-        client, address = self.socket.accept()
+        connections: ConnectionCount | None = getattr(self, "connections", None)
+        if self.listen_socket is not None and connections is not None and connections.value:
+            time.sleep(min(connections.value, 8) * ACCEPT_DEFER)
+        client, address = self.socket.accept()  # shared and non-blocking: BlockingIOError if a sibling won
+        if connections is not None:
+            connections.opened()
         if self.ssl_context:
             client.settimeout(TLS_HANDSHAKE_TIMEOUT)
             client = self.ssl_context.wrap_socket(client, server_side=True)
@@ -493,6 +535,7 @@ def event_handlers(ctx: IngestContext, settings: Settings) -> list[Any]:
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_REQUESTED, access.handle_requested, [peers]),
         (evt.EVT_ACCEPTED, handle_accepted),
+        (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
     ]
 
 
@@ -513,10 +556,13 @@ class Listener:
         reuse_port: bool = False,
         monitor: bool = True,
         ssl_context: ssl.SSLContext | None = None,
+        listen_socket: socket.socket | None = None,
     ) -> None:
         quiet_pydicom()
         self.settings = settings
         self.reuse_port = reuse_port
+        #: a listening socket shared with sibling processes, used instead of binding one
+        self.listen_socket = listen_socket
         self.ssl_context = ssl_context if ssl_context is not None else server_context(settings)
         url = settings.effective_database_url
         self.ctx = IngestContext(
@@ -544,13 +590,19 @@ class Listener:
         self.ctx.storage_dir.mkdir(parents=True, exist_ok=True)
         if self.ctx.file_pool is None:
             self.ctx.file_pool = storage.FilePool(self.ctx.storage_dir)
-        server_class = ReusePortServerOn if self.reuse_port else ReusePortServer
+        server_class: type[ReusePortServer] = ReusePortServerOn if self.reuse_port else ReusePortServer
+        if self.listen_socket is not None:
+            server_class = type("SharedSocketServer", (ReusePortServer,), {"listen_socket": self.listen_socket})
+        dimse.quiet_pynetdicom()
         self.server = self.ae.make_server(
             (self.settings.host, self.settings.port),
             ssl_context=self.ssl_context,
             evt_handlers=event_handlers(self.ctx, self.settings),
             server_class=server_class,
+            request_handler=dimse.ListenerRequestHandler,
         )
+        self.server.spool_opener = open_spool(self.ctx)  # type: ignore[attr-defined]
+        self.server.connections = self.ctx.connections  # type: ignore[attr-defined]
         self.ae._servers.append(self.server)  # so AE.shutdown() and server.shutdown() know it
         self._thread = threading.Thread(target=self.server.serve_forever, name="preread-listener", daemon=True)
         self._thread.start()

@@ -1,11 +1,15 @@
-"""Running the listener as a service: one process, or N on one port (``SO_REUSEPORT``).
+"""Running the listener as a service: one process, or N on one port.
 
 ``serve(settings, workers=N)`` migrates the database once, then either runs
-the listener in this process or starts N worker processes that each bind the
-same port with ``SO_REUSEPORT``, so the kernel spreads associations over
-them and ingest uses every core. SIGTERM or SIGINT stops accepting, lets
-running associations finish (bounded) and exits 0; a worker that dies is
-restarted.
+the listener in this process or starts N worker processes on one listening
+socket that this process binds (``SO_REUSEADDR`` and ``SO_REUSEPORT``) and
+hands to each of them. The workers share its accept queue, and a busy
+worker lets an idle one accept first, so associations spread evenly and
+ingest uses every core. (N sockets bound with ``SO_REUSEPORT`` would let
+the kernel hash each connection to one of them: four associations then
+split 2:2 over two workers only three times in eight.) SIGTERM or SIGINT
+stops accepting, lets running associations finish (bounded) and exits 0; a
+worker that dies is restarted on the same socket.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -55,7 +60,24 @@ def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
     return restore
 
 
-def run_listener(settings: Settings, *, reuse_port: bool = False, stop: threading.Event | None = None) -> None:
+def shared_socket(settings: Settings, backlog: int = 128) -> socket.socket:
+    """A non-blocking listening socket on ``settings.host``/``settings.port`` for worker processes to share."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((settings.host, settings.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def run_listener(settings: Settings, *, reuse_port: bool = False, stop: threading.Event | None = None,
+                 listen_socket: socket.socket | None = None) -> None:
     """Run one listener (and its stability monitor) in this process until ``stop`` or SIGTERM/SIGINT.
 
     Signal handlers are installed only when called from the main thread.
@@ -64,7 +86,7 @@ def run_listener(settings: Settings, *, reuse_port: bool = False, stop: threadin
 
     stop = stop or threading.Event()
     restore = _install_stop_handlers(stop) if threading.current_thread() is threading.main_thread() else None
-    listener = Listener(settings, reuse_port=reuse_port)
+    listener = Listener(settings, reuse_port=reuse_port, listen_socket=listen_socket)
     try:
         listener.start()
         stop.wait()
@@ -75,10 +97,10 @@ def run_listener(settings: Settings, *, reuse_port: bool = False, stop: threadin
         LOGGER.info("listener stopped")
 
 
-def _worker_main(settings: Settings, log_level: str) -> None:
+def _worker_main(settings: Settings, log_level: str, listen_socket: socket.socket) -> None:
     """Entry point of a worker process."""
     configure_logging(log_level)
-    run_listener(settings, reuse_port=True)
+    run_listener(settings, listen_socket=listen_socket)
 
 
 def serve(settings: Settings, workers: int = 1, log_level: str = "INFO") -> int:
@@ -88,6 +110,7 @@ def serve(settings: Settings, workers: int = 1, log_level: str = "INFO") -> int:
         run_listener(settings)
         return 0
 
+    listen_socket = shared_socket(settings)
     stop = threading.Event()
     restore = _install_stop_handlers(stop)
     ctx = multiprocessing.get_context("spawn")
@@ -102,7 +125,8 @@ def serve(settings: Settings, workers: int = 1, log_level: str = "INFO") -> int:
                     LOGGER.error("worker %d (pid %s) exited with %s; restarting", i, proc.pid, proc.exitcode)
                 if time.monotonic() - started_at[i] < RESTART_BACKOFF:
                     continue
-                proc = ctx.Process(target=_worker_main, args=(settings, log_level), name=f"preread-listen-{i}")
+                proc = ctx.Process(target=_worker_main, args=(settings, log_level, listen_socket),
+                                   name=f"preread-listen-{i}")
                 proc.start()
                 procs[i], started_at[i] = proc, time.monotonic()
                 LOGGER.info("worker %d started (pid %d)", i, proc.pid)
@@ -117,5 +141,6 @@ def serve(settings: Settings, workers: int = 1, log_level: str = "INFO") -> int:
                 proc.join(max(0.1, deadline - time.monotonic()))
                 if proc.is_alive():
                     proc.kill()
+        listen_socket.close()
         restore()
     return 0

@@ -6,6 +6,7 @@ import re
 import ssl
 import subprocess
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,9 @@ def test_workers_share_the_port_and_stop_on_sigterm(listener_factory, tmp_path: 
     for t in threads:
         t.join(120)
     assert results == [0, 0, 0, 0]
+    # the four associations went two to each worker: both cores take a share
+    accepted = re.findall(r"\[(\d+)\] preread.ingest.listener: association accepted: calling AE STORESCU", lp.log())
+    assert sorted(Counter(accepted).values()) == [2, 2], [l[:60] for l in lp.log().splitlines() if "accept" in l]
     assert lp.query("select count(*) from instances")[0][0] == 120
     assert len(lp.stored_files()) == 120
     assert lp.stop() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 from datetime import timedelta
 from io import BytesIO
@@ -307,7 +308,7 @@ def test_file_meta_bytes_is_what_pynetdicom_encodes(sop_class: str, sop_instance
 
     meta = create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
                             transfer_syntax=UID(syntax))
-    assert file_meta_bytes(None, sop_class, sop_instance, syntax) == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)  # type: ignore[arg-type]
+    assert file_meta_bytes(sop_class, sop_instance, syntax) == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "image_dfl.dcm", "JPEG-LL.dcm",
@@ -420,3 +421,62 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC210, 0xB000])
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45", None])
+def test_c_store_rsp_bytes_are_what_pynetdicom_encodes(status: int, sop_instance: str | None) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from ingest.dimse import encode_c_store_rsp
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    if sop_instance:
+        rsp.AffectedSOPInstanceUID = sop_instance
+    rsp.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = list(message.encode_msg(1, 16384))
+    assert pdata.presentation_data_value_list == [(1, b"\x03" + encode_c_store_rsp(rsp))]
+
+
+def test_c_store_rsp_with_an_error_comment_is_left_to_pynetdicom() -> None:
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from ingest.dimse import encode_c_store_rsp
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.Status = 0xC210
+    rsp.ErrorComment = "cannot parse"
+    assert encode_c_store_rsp(rsp) is None
+
+
+def test_spool_commits_its_bytes_once_and_keeps_the_first_copy(tmp_path: Path) -> None:
+    pool = storage.FilePool(tmp_path)
+    try:
+        spool = None
+        for _ in range(200):  # the pool fills in the background
+            spool = storage.Spool.open(pool)
+            if spool:
+                break
+            time.sleep(0.01)
+        assert spool is not None
+        spool.head = b"HEAD"
+        for part in (spool.head, b"abc", memoryview(b"defg")):
+            spool.write(part)
+        with spool.data_set() as view:
+            assert bytes(view) == b"abcdefg"
+        first = storage.store_spooled(tmp_path, GOOD, spool)
+        assert first.written and first.path.read_bytes() == b"HEADabcdefg"
+        again = storage.Spool.open(pool) or storage.Spool.open(pool)
+        if again is not None:
+            again.write(b"other")
+            assert not storage.store_spooled(tmp_path, GOOD, again).written
+        assert first.path.read_bytes() == b"HEADabcdefg"
+        assert [p.name for p in first.path.parent.iterdir()] == [first.path.name]  # no stray file
+    finally:
+        pool.close()
