@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import threading
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -269,3 +271,60 @@ def test_sigkill_mid_transfer_loses_nothing_acknowledged(listener_factory, raw_s
     assoc.release()
     assert lp.query("select count(*) from instances")[0][0] == len(files)
     assert len(lp.stored_files()) == len(files)
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+def test_transfer_broken_off_mid_data_set_keeps_nothing_and_leaks_nothing(listener_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # the listener writes a data set to an unnamed spool file as its fragments arrive: a peer that aborts
+    # half-way must leave neither a stored file nor an open descriptor behind
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    lp = listener_factory(sqlite=True)
+    files = clone_series(testdata("CT_small.dcm"), tmp_path / "series", 6)
+    ae = _ae()
+    assoc = ae.associate("127.0.0.1", lp.port, ae_title="PREREAD")
+    assert assoc.send_c_store(files[0]).Status == 0x0000  # warm: pool, database connection
+    assoc.release()
+    assert lp.proc is not None
+    wait_for(lambda: len(lp.stored_files()) == 1, timeout=10, what="first instance stored")
+    baseline = _open_fds(lp.proc.pid)
+
+    for path in files[1:4]:
+        ds = dcmread(path)
+        raw = path.read_bytes()
+        (meta_length,) = struct.unpack_from("<L", raw, 140)  # (0002,0000) File Meta Information Group Length
+        body = raw[144 + meta_length:]  # the data set as encoded in the file
+        assoc = ae.associate("127.0.0.1", lp.port, ae_title="PREREAD")
+        assert assoc.is_established
+        context = next(cx for cx in assoc.accepted_contexts
+                       if cx.abstract_syntax == ds.SOPClassUID and cx.transfer_syntax[0] == ds.file_meta.TransferSyntaxUID)
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = ds.SOPClassUID
+        request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        request.Priority = 2
+        request.DataSet = BytesIO(body)
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        pdatas = list(message.encode_msg(context.context_id, 4096))
+        sock = assoc.dul.socket.socket
+        for pdata in pdatas[: len(pdatas) // 2]:  # the command and half the data set, then gone
+            pdu = P_DATA_TF()
+            pdu.from_primitive(pdata)
+            sock.sendall(pdu.encode())
+        time.sleep(0.3)
+        assoc.abort()
+
+    assert echo(lp.port)
+    assoc = ae.associate("127.0.0.1", lp.port, ae_title="PREREAD")
+    assert assoc.send_c_store(files[4]).Status == 0x0000  # and a whole instance still goes in
+    assoc.release()
+    stored = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in lp.stored_files()}
+    assert stored == {dcmread(files[i], stop_before_pixels=True).SOPInstanceUID for i in (0, 4)}
+    wait_for(lambda: _open_fds(lp.proc.pid) <= baseline, timeout=10, what="descriptors back to the baseline")
