@@ -404,10 +404,8 @@ def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, c
     # the spool holds these very bytes, after this very header (else: copy them to a new file)
     usable = spool is not None and spool.head == meta
     try:
-        if usable:
-            stored = storage.store_spooled(ctx.storage_dir, ident, spool)  # type: ignore[arg-type]
-        else:
-            stored = storage.store_instance(ctx.storage_dir, ident, chunks, sync=ctx.sync_writes, pool=ctx.file_pool)
+        stored = storage.store_instance(ctx.storage_dir, ident, chunks, sync=ctx.sync_writes, pool=ctx.file_pool,
+                                        spool=spool if usable else None)
     except OSError as exc:
         LOGGER.error("C-STORE refused 0x%04X: cannot write %s: %s", STORE_FAILED, ident.sop_instance_uid, exc.strerror)
         return STORE_FAILED

@@ -375,22 +375,6 @@ class Spool:
             self.fd = -1
 
 
-def store_spooled(root: Path, ident: InstanceIdentity, spool: Spool) -> StoredFile:
-    """:func:`store_instance` for bytes already in ``spool``; a duplicate keeps the first copy."""
-    path = instance_path(root, ident)
-    try:
-        existing = os.stat(path).st_size
-    except FileNotFoundError:
-        pass
-    else:
-        spool.close()
-        return StoredFile(path, existing, False)
-    size = spool.size
-    if spool.commit(path):
-        return StoredFile(path, size, True)
-    return StoredFile(path, path.stat().st_size, False)
-
-
 def store_instance(
     root: Path,
     ident: InstanceIdentity,
@@ -398,8 +382,12 @@ def store_instance(
     *,
     sync: bool = True,
     pool: FilePool | None = None,
+    spool: Spool | None = None,
 ) -> StoredFile:
     """Keep one copy of an instance under ``root``; a duplicate SOP Instance UID keeps the first.
+
+    The bytes are ``chunks``, or, given a ``spool`` holding them already,
+    the spool's (committed in place; ``chunks`` is then not read).
 
     The existing file of a duplicate was written to a temporary file and
     renamed into place (fsynced first unless ``sync`` is false), so it is
@@ -407,11 +395,20 @@ def store_instance(
     """
     path = instance_path(root, ident)
     try:
-        return StoredFile(path, os.stat(path).st_size, False)
+        existing = os.stat(path).st_size
     except FileNotFoundError:
         pass
+    else:
+        if spool is not None:
+            spool.close()
+        return StoredFile(path, existing, False)
     try:
-        size = write_atomic(path, chunks, overwrite=False, sync=sync, pool=pool)
+        if spool is not None:
+            size = spool.size
+            if not spool.commit(path):
+                raise FileExistsError(path)
+        else:
+            size = write_atomic(path, chunks, overwrite=False, sync=sync, pool=pool)
     except FileExistsError:  # a concurrent association stored it first
         return StoredFile(path, path.stat().st_size, False)
     return StoredFile(path, size, True)

@@ -470,12 +470,12 @@ def test_spool_commits_its_bytes_once_and_keeps_the_first_copy(tmp_path: Path) -
             spool.write(part)
         with spool.data_set() as view:
             assert bytes(view) == b"abcdefg"
-        first = storage.store_spooled(tmp_path, GOOD, spool)
+        first = storage.store_instance(tmp_path, GOOD, [], spool=spool)
         assert first.written and first.path.read_bytes() == b"HEADabcdefg"
         again = storage.Spool.open(pool) or storage.Spool.open(pool)
         if again is not None:
             again.write(b"other")
-            assert not storage.store_spooled(tmp_path, GOOD, again).written
+            assert not storage.store_instance(tmp_path, GOOD, [], spool=again).written
         assert first.path.read_bytes() == b"HEADabcdefg"
         assert [p.name for p in first.path.parent.iterdir()] == [first.path.name]  # no stray file
     finally:
