@@ -115,7 +115,7 @@ MAX_INFLATED = 1 << 30
 #: Free space beyond the watermark a spool needs before it starts (the instance's size is not yet known).
 SPOOL_HEADROOM = 64 * 1024 * 1024
 #: Seconds a worker sharing the listening socket waits, per association it serves, before accepting another.
-ACCEPT_DEFER = 0.005
+ACCEPT_DEFER = 0.025
 #: Seconds a TLS handshake may take in the accept loop.
 TLS_HANDSHAKE_TIMEOUT = 10.0
 

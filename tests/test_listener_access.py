@@ -151,9 +151,10 @@ def test_workers_share_the_port_and_stop_on_sigterm(listener_factory, tmp_path: 
     for t in threads:
         t.join(120)
     assert results == [0, 0, 0, 0]
-    # the four associations went two to each worker: both cores take a share
+    # both workers took associations: the busy one let the idle one accept (with SO_REUSEPORT hashing all four
+    # landed on one worker one time in eight)
     accepted = re.findall(r"\[(\d+)\] preread.ingest.listener: association accepted: calling AE STORESCU", lp.log())
-    assert sorted(Counter(accepted).values()) == [2, 2], [l[:60] for l in lp.log().splitlines() if "accept" in l]
+    assert len(accepted) == 4 and len(Counter(accepted)) == 2, accepted
     assert lp.query("select count(*) from instances")[0][0] == 120
     assert len(lp.stored_files()) == 120
     assert lp.stop() == 0
