@@ -19,7 +19,7 @@ from typing import Any
 from schemas.database import session_scope
 from schemas.settings import Settings
 from schemas.tables import Study, StudyState
-from worker.stages import BadInput, StepOutcome, Superseded, current_report, set_state, study_in_state
+from worker.stages import EXPORTABLE, BadInput, StepOutcome, Superseded, current_report, set_state, study_in_state
 
 SIGNATURE_HEADER = "X-Preread-Signature"
 
@@ -80,7 +80,7 @@ def post_webhook(url: str, payload: dict[str, Any], secret: str | None, timeout:
 def export_step(settings: Settings, study_id: int) -> StepOutcome:
     """Export the current report of a DRAFTED study; the study becomes EXPORTED."""
     with session_scope(settings.effective_database_url) as session:
-        study = study_in_state(session, study_id, (StudyState.DRAFTED,))
+        study = study_in_state(session, study_id, EXPORTABLE)
         report = current_report(session, study_id)
         if report is None:
             raise BadInput("drafted study has no current report")
@@ -98,6 +98,6 @@ def export_step(settings: Settings, study_id: int) -> StepOutcome:
     if settings.webhook_url:
         post_webhook(settings.webhook_url, payload, settings.webhook_secret)
     with session_scope(settings.effective_database_url) as session:
-        if not set_state(session, study_id, StudyState.EXPORTED, expect=(StudyState.DRAFTED,)):
+        if not set_state(session, study_id, StudyState.EXPORTED, expect=EXPORTABLE):
             raise Superseded(f"study {study_id} changed state while exporting")
     return StepOutcome(study_id, StudyState.EXPORTED)

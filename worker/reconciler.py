@@ -1,7 +1,8 @@
 """The reconciler: nothing stays stuck when a broker or a worker loses a message.
 
 A study that has sat in STABLE or RENDERED longer than ``reconcile_after``
-with no hand-off pending gets a new outbox row; one that has used up its
+with no hand-off pending, and none published within ``reconcile_after``,
+gets a new outbox row; one that has used up its
 attempts is FAILED with the reason.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import delete, exists, or_, select, update
 
 from schemas.database import session_scope
 from schemas.settings import Settings
@@ -29,7 +30,8 @@ def reconcile_once(settings: Settings) -> int:
     cutoff = now - timedelta(seconds=settings.reconcile_after)
     touched = 0
     with session_scope(settings.effective_database_url) as session:
-        pending = exists().where(Outbox.study_id == Study.id, Outbox.sent_at.is_(None))
+        # A hand-off still unsent, or sent so recently that a worker may not have taken it yet.
+        pending = exists().where(Outbox.study_id == Study.id, or_(Outbox.sent_at.is_(None), Outbox.sent_at >= cutoff))
         stuck = session.execute(
             select(Study.id, Study.state, Study.attempts, Study.priority, Study.study_instance_uid)
             .where(Study.state.in_([str(s) for s in TOPIC_FOR_STATE]), Study.state_changed_at < cutoff, ~pending)

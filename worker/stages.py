@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 #: Reprocessing a finished study puts it back to STABLE first.
 RENDERABLE = (StudyState.STABLE,)
 INFERABLE = (StudyState.RENDERED,)
+EXPORTABLE = (StudyState.DRAFTED,)
 
 
 class BadInput(Exception):

@@ -23,7 +23,17 @@ from schemas.database import session_scope
 from schemas.settings import Settings
 from schemas.tables import Study, StudyState
 from worker.celery_app import EXPORT, INFER, app
-from worker.stages import BadInput, StepOutcome, Superseded, infer_step, render_step, set_state
+from worker.stages import (
+    EXPORTABLE,
+    INFERABLE,
+    RENDERABLE,
+    BadInput,
+    StepOutcome,
+    Superseded,
+    infer_step,
+    render_step,
+    set_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +70,20 @@ def _is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
-def _count_attempt(settings: Settings, study_id: int) -> None:
+def _begin_attempt(settings: Settings, study_id: int, expect: tuple[StudyState, ...]) -> bool:
+    """Count an attempt on a study still waiting for this step; False for a delivery it has outgrown.
+
+    A duplicate delivery (the reconciler's re-enqueue, a redelivered message)
+    that finds the study already moved on is not an attempt: counting it would
+    make a study that failed once look retried.
+    """
     with session_scope(settings.effective_database_url) as session:
-        session.execute(update(Study).where(Study.id == study_id).values(attempts=Study.attempts + 1))
+        counted = session.execute(
+            update(Study)
+            .where(Study.id == study_id, Study.state.in_([str(s) for s in expect]))
+            .values(attempts=Study.attempts + 1)
+        ).rowcount
+    return bool(counted)
 
 
 def _fail(settings: Settings, study_id: int, reason: str) -> None:
@@ -81,11 +102,13 @@ def _hand_off(settings: Settings) -> None:
         log.info("fast hand-off deferred to the dispatcher: %s", type(exc).__name__)
 
 
-def run_step(task: Task, study_id: int, step: Callable[[], StepOutcome]) -> str:
-    """Run a pipeline step with the retry and failure policy shared by all tasks."""
+def run_step(task: Task, study_id: int, step: Callable[[], StepOutcome], expect: tuple[StudyState, ...]) -> str:
+    """Run a pipeline step on a study in one of the ``expect`` states, with the shared retry and failure policy."""
     settings = _settings()
     try:
-        _count_attempt(settings, study_id)
+        if not _begin_attempt(settings, study_id, expect):
+            log.info("study %s: nothing to do (not %s)", study_id, "/".join(str(s) for s in expect))
+            return "superseded"
         outcome = step()
     except Superseded as exc:
         log.info("study %s: nothing to do (%s)", study_id, exc)
@@ -107,7 +130,7 @@ def run_step(task: Task, study_id: int, step: Callable[[], StepOutcome]) -> str:
 def render_study(self: Task, study_id: int) -> str:
     """Render a STABLE study to PNGs and a manifest, then hand it to the infer queue."""
     settings = _settings()
-    return run_step(self, study_id, lambda: render_step(settings, study_id, handoff=INFER))
+    return run_step(self, study_id, lambda: render_step(settings, study_id, handoff=INFER), RENDERABLE)
 
 
 @app.task(name="preread.infer_study", bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -120,7 +143,7 @@ def infer_study(self: Task, study_id: int, max_pixels: int | None = None) -> str
         settings = settings.model_copy(update={"max_pixels": max_pixels, "min_pixels": min(settings.min_pixels, max_pixels)})
     try:
         engine = get_engine(settings)
-        return run_step(self, study_id, lambda: infer_step(settings, study_id, engine, handoff=_export_topic(settings)))
+        return run_step(self, study_id, lambda: infer_step(settings, study_id, engine, handoff=_export_topic(settings)), INFERABLE)
     except Exception as exc:
         if not _is_cuda_oom(exc):
             raise
@@ -146,7 +169,7 @@ def export_study(self: Task, study_id: int) -> str:
     from worker.exporters import export_step
 
     settings = _settings()
-    return run_step(self, study_id, lambda: export_step(settings, study_id))
+    return run_step(self, study_id, lambda: export_step(settings, study_id), EXPORTABLE)
 
 
 def _warm_model(**_: Any) -> None:
