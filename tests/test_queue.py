@@ -380,6 +380,6 @@ def test_bad_input_fails_the_study_with_its_reason_and_no_retry(
     engine.dispose()
     assert failed.modalities == "SR"
     assert "nothing renderable" in failed.error
-    assert failed.attempts == 1, "bad input is not retried"
+    assert failed.attempts == 1, f"bad input is not retried\n{pipe.logs()}"
     assert states(pg_url) == {"FAILED": 1, "DRAFTED": 1}
     assert "nothing renderable" in shown.stdout, "preread status lists the failure and its reason"
