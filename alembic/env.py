@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from schemas.database import make_engine
-from schemas.tables import Base
+from preread.schemas.database import make_engine
+from preread.schemas.tables import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -33,7 +33,7 @@ def run_migrations_online() -> None:
 
 def _render_item(type_: str, obj, autogen_context):  # type: ignore[no-untyped-def]
     """Render our UTC timestamp decorator as the plain DateTime it stores."""
-    from schemas.tables import UTCDateTime
+    from preread.schemas.tables import UTCDateTime
 
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime()"

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from worker.engine import Engine, GenerationOptions, StudyContext  # noqa: E402
-from worker.model import LoadedModel, dtype_for, load_model  # noqa: E402
+from preread.worker.inference.engine import Engine, GenerationOptions, StudyContext  # noqa: E402
+from preread.worker.inference.model import LoadedModel, dtype_for, load_model  # noqa: E402
 
 #: Qwen2.5-VL-3B-Instruct's dimensions (InfiMed-SFT/RL-3B share them).
 QWEN25_VL_3B_TEXT = {
@@ -97,7 +97,7 @@ def build_real_dims(device: torch.device, min_pixels: int, max_pixels: int, laye
         Qwen2VLVideoProcessor,
     )
 
-    from tests.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
+    from tests.support.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
 
     tokenizer = train_tokenizer(1000)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args.side = args.side or (448 if args.tiny else 1024)
     min_pixels = 256 * 28 * 28
     if args.tiny:
-        from tests.tiny_model import build_tiny_model
+        from tests.support.tiny_model import build_tiny_model
 
         folder = build_tiny_model(Path(tempfile.mkdtemp(prefix="tiny-qwen-")))
         loaded = load_model(str(folder), device=str(device), min_pixels=min_pixels, max_pixels=args.max_pixels)

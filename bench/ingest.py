@@ -45,10 +45,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.procs import free_port  # noqa: E402
+from tests.support.procs import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PREREAD = [sys.executable, "-m", "cli.main"]
+PREREAD = [sys.executable, "-m", "preread.cli.main"]
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 STORESCU = shutil.which("storescu")
 ECHOSCU = shutil.which("echoscu")
@@ -58,7 +58,7 @@ def make_instances(folder: Path, count: int) -> list[Path]:
     """``count`` CT instances of one series, each a 512x512 clone of pydicom-data's 693_UNCR with new UIDs."""
     from pydicom.data import get_testdata_file
 
-    from tests.test_listener_support import clone_series
+    from tests.support.listener import clone_series
 
     source = get_testdata_file("693_UNCR.dcm")
     if source is None:
@@ -118,7 +118,7 @@ import sys, logging
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 sys.path.insert(0, {root!r})
-from ingest.listener import TRANSFER_SYNTAXES, MAX_PDU_SIZE, MAX_ASSOCIATIONS
+from preread.ingest.listener.ae import TRANSFER_SYNTAXES, MAX_PDU_SIZE, MAX_ASSOCIATIONS
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 ae = AE(ae_title="BARE")
 ae.maximum_associations = MAX_ASSOCIATIONS
@@ -131,7 +131,7 @@ def discard(event):
     return 0x0000
 kwargs = {{}}
 if {lean!r}:
-    from ingest import dimse
+    from preread.ingest.listener import transport as dimse
     dimse.quiet_pynetdicom()
     kwargs["request_handler"] = dimse.ListenerRequestHandler
 ae.make_server(("127.0.0.1", {port}), evt_handlers=[(evt.EVT_C_STORE, discard)], **kwargs).serve_forever()

@@ -73,11 +73,11 @@ def main() -> None:
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres", help="admin URL")
     args = parser.parse_args()
 
-    from schemas.database import upgrade
-    from schemas.settings import Settings
-    from tests.procs import Proc, RedisServer, base_env, free_port, preread_argv, storescu, wait_port, wait_until
-    from tests.test_queue import all_in, make_studies
-    from tests.tiny_model import build_tiny_model
+    from preread.schemas.database import upgrade
+    from preread.schemas.settings import Settings
+    from tests.support.procs import Proc, RedisServer, base_env, free_port, preread_argv, storescu, wait_port, wait_until
+    from tests.pipeline.test_queue import all_in, make_studies
+    from tests.support.tiny_model import build_tiny_model
 
     console = Console()
     tmp = Path(tempfile.mkdtemp(prefix="preread-bench-"))
@@ -122,7 +122,7 @@ def main() -> None:
         redis.kill()
 
     # Baseline: the model calls alone, on the same rendered images, in this process.
-    from worker.engine import Engine, StudyContext
+    from preread.worker.inference.engine import Engine, StudyContext
 
     settings = Settings(model=str(model_dir), max_images=1, data_dir=tmp / "data", database_url=url)
     engine = Engine.from_settings(settings)

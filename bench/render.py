@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ingest.render.batch import jobs_for, render_files  # noqa: E402
-from ingest.render.windows import WindowSpec  # noqa: E402
+from preread.ingest.render.batch import jobs_for, render_files  # noqa: E402
+from preread.ingest.render.windows import WindowSpec  # noqa: E402
 
 
 def make_series(folder: Path, slices: int, size: int) -> list[Path]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from schemas.database import upgrade as _upgrade
-from schemas.settings import get_settings
+from preread.schemas.database import upgrade as _upgrade
+from preread.schemas.settings import get_settings
 
 db_app = typer.Typer(no_args_is_help=True, help="Database schema and maintenance.")
 

@@ -11,12 +11,12 @@ import typer
 from rich.console import Console
 from sqlalchemy import select
 
-from ingest.catalog import record_instance
-from ingest.discover import FoundStudy, discover
-from schemas.database import session_scope, upgrade
-from schemas.settings import Settings, get_settings
-from schemas.tables import Image, StudyState
-from worker.stages import BadInput, current_report, infer_step, render_step, set_state
+from preread.ingest.assembly.catalog import record_instance
+from preread.ingest.assembly.discover import FoundStudy, discover
+from preread.schemas.database import session_scope, upgrade
+from preread.schemas.settings import Settings, get_settings
+from preread.schemas.tables import Image, StudyState
+from preread.worker.pipeline.stages import BadInput, current_report, infer_step, render_step, set_state
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def draft(
     if not studies:
         err.print("[red]no readable DICOM study found[/red]")
         raise typer.Exit(2)
-    from worker.engine import Engine  # imports torch: only once there is work
+    from preread.worker.inference.engine import Engine  # imports torch: only once there is work
 
     engine = Engine.from_settings(settings)
     results, failures = [], 0

@@ -15,8 +15,8 @@ def listen(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Receive DICOM instances: store them durably, index them, mark quiet studies STABLE."""
-    from ingest.serve import configure_logging, serve
-    from schemas.settings import Settings
+    from preread.ingest.listener.serving import configure_logging, serve
+    from preread.schemas.settings import Settings
 
     configure_logging(log_level)
     overrides = {k: v for k, v in {"port": port, "ae_title": ae_title, "host": host}.items() if v is not None}

@@ -7,13 +7,13 @@ import os
 
 import typer
 
-from cli.db import db_app
-from cli.draft import draft
-from cli.listen import listen
-from cli.render import render as render_command
-from cli.run import coordinate, run
-from cli.status import status
-from cli.worker import worker
+from preread.cli.db import db_app
+from preread.cli.draft import draft
+from preread.cli.listen import listen
+from preread.cli.render import render as render_command
+from preread.cli.run import coordinate, run
+from preread.cli.status import status
+from preread.cli.worker import worker
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="infimed-preread: DICOM in, draft pre-reads out.")
 app.add_typer(db_app, name="db")
@@ -28,7 +28,7 @@ app.command("render")(render_command)
 
 def main() -> None:
     """Console-script entry point."""
-    from ingest.listener import quiet_pydicom
+    from preread.ingest.listener.ae import quiet_pydicom
 
     quiet_pydicom()  # pydicom's warnings can quote attribute values: keep patient data out of logs
     logging.basicConfig(

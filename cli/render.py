@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ingest.render.batch import FileResult, jobs_for, render_files
-from ingest.render.windows import PRESETS, WindowSpec, parse_window
+from preread.ingest.render.batch import FileResult, jobs_for, render_files
+from preread.ingest.render.windows import PRESETS, WindowSpec, parse_window
 
 
 def window_spec(window: str | None, preset_name: str | None, rgb_windows: str | None, percentile: bool = False) -> WindowSpec:

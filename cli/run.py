@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from schemas.database import upgrade
-from schemas.settings import get_settings
+from preread.schemas.database import upgrade
+from preread.schemas.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,10 @@ def run(
     from rich.console import Console
     from rich.live import Live
 
-    from cli.status import render_status
-    from worker.celery_app import app
-    from worker.loop import coordinate_forever
-    from worker.status import snapshot
+    from preread.cli.status import render_status
+    from preread.worker.pipeline.celery_app import app
+    from preread.worker.pipeline.coordinator import coordinate_forever
+    from preread.worker.pipeline.status import snapshot
 
     settings = get_settings()
     upgrade(settings.effective_database_url)
@@ -100,7 +100,7 @@ def run(
     show_live = console.is_terminal if live is None else live
     # With the live view on the terminal, the children's own output goes to files beside the data.
     logs = settings.data_dir / "logs" if show_live else None
-    exe = [sys.executable, "-m", "cli.main"]
+    exe = [sys.executable, "-m", "preread.cli.main"]
     roles = [
         ("listener", ["listen"]),
         ("render-worker", ["worker", "--queues", "render", "--concurrency", str(render_workers)]),
@@ -149,8 +149,8 @@ def run(
 
 def coordinate() -> None:
     """Run the coordinator alone: stability monitor, outbox dispatcher, reconciler."""
-    from worker.celery_app import app
-    from worker.loop import coordinate_forever
+    from preread.worker.pipeline.celery_app import app
+    from preread.worker.pipeline.coordinator import coordinate_forever
 
     settings = get_settings()
     upgrade(settings.effective_database_url)

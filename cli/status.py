@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
-from schemas.settings import get_settings
-from worker.status import PipelineStatus, snapshot
+from preread.schemas.settings import get_settings
+from preread.worker.pipeline.status import PipelineStatus, snapshot
 
 
 def render_status(status: PipelineStatus) -> Group:
@@ -34,8 +34,8 @@ def status() -> None:
     """Print the pipeline's state from the database and the broker."""
     from rich.console import Console
 
-    from schemas.database import upgrade
-    from worker.celery_app import app
+    from preread.schemas.database import upgrade
+    from preread.worker.pipeline.celery_app import app
 
     settings = get_settings()
     upgrade(settings.effective_database_url)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from worker.queues import INFER, QUEUES
+from preread.worker.pipeline.queues import INFER, QUEUES
 
 
 def worker(
@@ -23,7 +23,7 @@ def worker(
     if unknown or not names:
         raise typer.BadParameter(f"unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}")
     os.environ["PREREAD_WORKER_QUEUES"] = ",".join(names)
-    from worker.celery_app import app
+    from preread.worker.pipeline.celery_app import app
 
     chosen_pool = pool or ("threads" if INFER in names else "prefork")
     app.worker_main(

@@ -10,8 +10,18 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-#: The Alembic environment that ships beside the packages.
-ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+
+
+def migrations_dir() -> Path:
+    """The Alembic environment, installed as the package data ``preread.migrations`` (the repository's ``alembic/``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("preread.migrations")
+    locations = [Path(p) for p in (spec.submodule_search_locations or []) if Path(p).is_dir()] if spec else []
+    for location in locations:
+        if (location / "env.py").is_file():
+            return location
+    raise RuntimeError("the migrations (package data preread.migrations) are not installed; reinstall infimed-preread")
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -98,7 +108,7 @@ def alembic_config(url: str):  # type: ignore[no-untyped-def]
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(ALEMBIC_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

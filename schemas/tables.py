@@ -293,3 +293,52 @@ class Outbox(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (Index("ix_outbox_unsent", "sent_at", "id"),)
+
+
+class ProcessRole(enum.StrEnum):
+    """The long-running processes of a deployment, as ``preread --help`` names their commands."""
+
+    LISTENER = "listener"
+    COORDINATOR = "coordinator"
+    WORKER = "worker"
+    API = "api"
+
+
+class ProcessState(enum.StrEnum):
+    """What a process says of itself in its heartbeat row."""
+
+    STARTING = "starting"
+    READY = "ready"
+    NOT_READY = "not_ready"
+    STOPPING = "stopping"
+
+
+class Heartbeat(Base):
+    """One row per running process: who it is, whether it is ready and why not, when it was last seen.
+
+    ``preread status``, the live view and ``/readyz`` read this table to say in plain words
+    which role (or which queue's worker) has not been seen. A process upserts its row every
+    few seconds and marks it ``stopping`` on a clean exit; rows of processes not seen for a
+    long time are pruned by the coordinator.
+    """
+
+    __tablename__ = "heartbeats"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    #: Comma-separated queues a worker consumes (``render,infer``); empty for other roles.
+    queues: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    state: Mapped[str] = mapped_column(String(16), default=ProcessState.STARTING, server_default="starting")
+    #: Why the process is not ready, in one line an operator can act on.
+    reason: Mapped[str | None] = mapped_column(Text)
+    #: Role-specific figures (device, model, batch occupancy, drafts per minute ...).
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (
+        Index("uq_heartbeats_process", "role", "host", "pid", unique=True),
+        Index("ix_heartbeats_last_seen", "last_seen"),
+    )

@@ -42,7 +42,7 @@ def pg_empty_url() -> Iterator[str]:
     try:
         yield url
     finally:
-        from schemas.database import engine_for
+        from preread.schemas.database import engine_for
 
         engine_for.cache_clear()
         _drop_pg_database(name)
@@ -51,7 +51,7 @@ def pg_empty_url() -> Iterator[str]:
 @pytest.fixture
 def pg_url(pg_empty_url: str) -> str:
     """A fresh Postgres database migrated to head."""
-    from schemas.database import upgrade
+    from preread.schemas.database import upgrade
 
     upgrade(pg_empty_url)
     return pg_empty_url
@@ -60,7 +60,7 @@ def pg_url(pg_empty_url: str) -> str:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """A new SQLite file migrated to head (the embedded default)."""
-    from schemas.database import upgrade
+    from preread.schemas.database import upgrade
 
     url = f"sqlite:///{tmp_path / 'preread.db'}"
     upgrade(url)
@@ -86,7 +86,7 @@ def testdata(name: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Qwen2.5-VL model folder (tests/tiny_model.py), built once per run."""
-    from tests.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
 

@@ -8,12 +8,12 @@ Modules, one job each: :mod:`~ingest.render.pixels` (decode and LUTs),
 (one study end to end), :mod:`~ingest.render.batch` (many files, the CLI's job).
 """
 
-from ingest.render.errors import RenderError, UnreadableInstance
-from ingest.render.manifest import RenderedImage, StudyRendering, read_manifest, store_images, write_manifest
-from ingest.render.pixels import ImagePixel, RenderedFrame, read_instance, render_frame
-from ingest.render.selection import FrameRef, InstanceHeader, Kind, SelectionPolicy, read_header, select_frames
-from ingest.render.study import render_study
-from ingest.render.windows import PRESETS, VOIFunction, VOIWindow, WindowMode, WindowSpec, parse_window, preset
+from preread.ingest.render.errors import RenderError, UnreadableInstance
+from preread.ingest.render.manifest import RenderedImage, StudyRendering, read_manifest, store_images, write_manifest
+from preread.ingest.render.pixels import ImagePixel, RenderedFrame, read_instance, render_frame
+from preread.ingest.render.selection import FrameRef, InstanceHeader, Kind, SelectionPolicy, read_header, select_frames
+from preread.ingest.render.study import render_study
+from preread.ingest.render.windows import PRESETS, VOIFunction, VOIWindow, WindowMode, WindowSpec, parse_window, preset
 
 __all__ = [
     "PRESETS",

@@ -9,11 +9,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.render.errors import UnreadableInstance
-from ingest.render.files import expand_inputs, write_png
-from ingest.render.pixels import ImagePixel, iter_frames, read_instance, render_stored
-from ingest.render.resize import fit
-from ingest.render.windows import WindowSpec
+from preread.ingest.render.errors import UnreadableInstance
+from preread.ingest.render.files import expand_inputs, write_png
+from preread.ingest.render.pixels import ImagePixel, iter_frames, read_instance, render_stored
+from preread.ingest.render.resize import fit
+from preread.ingest.render.windows import WindowSpec
 
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
 

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from ingest.render.files import write_json
-from schemas.tables import Image, Instance
+from preread.ingest.render.files import write_json
+from preread.schemas.tables import Image, Instance
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1

@@ -27,8 +27,8 @@ import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, iter_pixels, pixel_array
 
-from ingest.render.errors import UnreadableInstance
-from ingest.render.windows import VOIFunction, VOIWindow, WindowMode, WindowSpec, percentile_window
+from preread.ingest.render.errors import UnreadableInstance
+from preread.ingest.render.windows import VOIFunction, VOIWindow, WindowMode, WindowSpec, percentile_window
 
 #: Attributes of the Modality LUT and VOI LUT modules copied into a frame's view.
 _LUT_KEYWORDS = (

@@ -23,8 +23,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from ingest.catalog import int_attribute
-from ingest.render.errors import UnreadableInstance
+from preread.ingest.assembly.catalog import int_attribute
+from preread.ingest.render.errors import UnreadableInstance
 
 VOLUME_MODALITIES = frozenset({"CT", "MR"})
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX", "DR"})

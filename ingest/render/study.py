@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from ingest.render.errors import RenderError, UnreadableInstance
-from ingest.render.files import write_png
-from ingest.render.manifest import MANIFEST_NAME, RenderedImage, StudyRendering, read_manifest, write_manifest
-from ingest.render.pixels import RenderedFrame, read_instance, render_frame
-from ingest.render.resize import fit
-from ingest.render.selection import (
+from preread.ingest.render.errors import RenderError, UnreadableInstance
+from preread.ingest.render.files import write_png
+from preread.ingest.render.manifest import MANIFEST_NAME, RenderedImage, StudyRendering, read_manifest, write_manifest
+from preread.ingest.render.pixels import RenderedFrame, read_instance, render_frame
+from preread.ingest.render.resize import fit
+from preread.ingest.render.selection import (
     FrameRef,
     InstanceHeader,
     SelectionPolicy,
@@ -22,7 +22,7 @@ from ingest.render.selection import (
     reading_order,
     select_frames,
 )
-from ingest.render.windows import WindowSpec
+from preread.ingest.render.windows import WindowSpec
 
 
 def _png_name(ordinal: int, ref: FrameRef) -> str:

@@ -1,0 +1,117 @@
+"""Study stability: a study that has gone quiet becomes STABLE and is handed on.
+
+State lives only in the database (``studies.state``, ``last_received_at``),
+so the monitor resumes after a restart and several listener processes may
+run it at once: each pass is one transaction that flips quiet RECEIVING
+studies to STABLE with a conditional UPDATE (Postgres: rows locked with
+``FOR UPDATE SKIP LOCKED``) and writes one ``Outbox(topic="render")`` row per
+flipped study in the same transaction. An instance that arrives later
+re-opens the study (``ingest.catalog.upsert_study``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from preread.schemas.database import session_scope
+from preread.schemas.tables import Outbox, Study, StudyState, utcnow
+
+LOGGER = logging.getLogger("preread.ingest.stability")
+
+#: Outbox topic of the next stage.
+RENDER_TOPIC = "render"
+#: Most studies flipped in one transaction (the next pass takes the rest).
+BATCH = 500
+
+
+def mark_stable(session: Session, stable_after: float, now: datetime | None = None) -> list[int]:
+    """Flip RECEIVING studies quiet for ``stable_after`` seconds to STABLE, with their outbox rows.
+
+    Returns the ids of the studies flipped. The caller commits; the flip and
+    the outbox rows are one transaction.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=stable_after)
+    quiet = (Study.state == StudyState.RECEIVING, Study.last_received_at < cutoff)
+    # A read first: SQLite takes its write lock only when there is work.
+    if session.execute(select(Study.id).where(*quiet).limit(1)).first() is None:
+        return []
+    candidates = select(Study.id).where(*quiet).order_by(Study.last_received_at).limit(BATCH)
+    if session.get_bind().dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    flipped = session.execute(
+        update(Study)
+        .where(Study.id.in_(candidates.scalar_subquery()), *quiet)
+        .values(state=StudyState.STABLE, state_changed_at=now, updated_at=now)
+        .returning(Study.id, Study.study_instance_uid, Study.priority)
+        .execution_options(synchronize_session=False)
+    ).all()
+    if flipped:
+        session.execute(
+            insert(Outbox),
+            [
+                dict(
+                    study_id=row.id,
+                    topic=RENDER_TOPIC,
+                    payload={"study_instance_uid": row.study_instance_uid, "reason": "stable"},
+                    priority=row.priority or 0,
+                    created_at=now,
+                    attempts=0,
+                )
+                for row in flipped
+            ],
+        )
+    return [row.id for row in flipped]
+
+
+def run_once(url: str, stable_after: float) -> list[int]:
+    """One monitor pass in its own transaction; returns the study ids made STABLE."""
+    with session_scope(url) as session:
+        ids = mark_stable(session, stable_after)
+    for study_id in ids:
+        LOGGER.info("study %d is STABLE (quiet for %.0f s), queued for %s", study_id, stable_after, RENDER_TOPIC)
+    return ids
+
+
+def default_interval(stable_after: float) -> float:
+    """How often to look: a tenth of ``stable_after``, between 0.1 and 2 seconds."""
+    return min(max(stable_after / 10.0, 0.1), 2.0)
+
+
+class StabilityMonitor:
+    """A daemon thread running :func:`run_once` every ``interval`` seconds until :meth:`stop`."""
+
+    def __init__(self, url: str, stable_after: float, interval: float | None = None) -> None:
+        self.url = url
+        self.stable_after = stable_after
+        self.interval = interval if interval is not None else default_interval(stable_after)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the monitor thread (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="preread-stability", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to end and wait for it (bounded)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                run_once(self.url, self.stable_after)
+            except Exception as exc:  # a database hiccup must not end the monitor
+                LOGGER.warning("stability pass failed: %s: %s", type(exc).__name__, str(exc)[:200])
+            self._stop.wait(self.interval)

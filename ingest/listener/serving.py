@@ -1,0 +1,146 @@
+"""Running the listener as a service: one process, or N on one port.
+
+``serve(settings, workers=N)`` migrates the database once, then either runs
+the listener in this process or starts N worker processes on one listening
+socket that this process binds (``SO_REUSEADDR`` and ``SO_REUSEPORT``) and
+hands to each of them. The workers share its accept queue, and a busy
+worker lets an idle one accept first, so associations spread evenly and
+ingest uses every core. (N sockets bound with ``SO_REUSEPORT`` would let
+the kernel hash each connection to one of them: four associations then
+split 2:2 over two workers only three times in eight.) SIGTERM or SIGINT
+stops accepting, lets running associations finish (bounded) and exits 0; a
+worker that dies is restarted on the same socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from preread.schemas.database import upgrade
+from preread.schemas.settings import Settings
+
+LOGGER = logging.getLogger("preread.ingest.serve")
+
+#: Seconds running associations get to finish on shutdown.
+DRAIN_SECONDS = 10.0
+#: Least seconds between restarts of a crashed worker.
+RESTART_BACKOFF = 1.0
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Plain log lines with process id (no patient data is ever logged)."""
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    logging.getLogger().setLevel(numeric)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM/SIGINT set ``stop``; returns a function restoring the old handlers."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handler(signum: int, _frame: object) -> None:
+        LOGGER.info("signal %d: stopping", signum)
+        stop.set()
+
+    for sig in previous:
+        signal.signal(sig, _handler)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def shared_socket(settings: Settings, backlog: int = 128) -> socket.socket:
+    """A non-blocking listening socket on ``settings.host``/``settings.port`` for worker processes to share."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((settings.host, settings.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def run_listener(settings: Settings, *, reuse_port: bool = False, stop: threading.Event | None = None,
+                 listen_socket: socket.socket | None = None) -> None:
+    """Run one listener (and its stability monitor) in this process until ``stop`` or SIGTERM/SIGINT.
+
+    Signal handlers are installed only when called from the main thread.
+    """
+    from preread.ingest.listener.ae import Listener
+
+    stop = stop or threading.Event()
+    restore = _install_stop_handlers(stop) if threading.current_thread() is threading.main_thread() else None
+    listener = Listener(settings, reuse_port=reuse_port, listen_socket=listen_socket)
+    try:
+        listener.start()
+        stop.wait()
+    finally:
+        listener.stop(DRAIN_SECONDS)
+        if restore:
+            restore()
+        LOGGER.info("listener stopped")
+
+
+def _worker_main(settings: Settings, log_level: str, listen_socket: socket.socket) -> None:
+    """Entry point of a worker process."""
+    configure_logging(log_level)
+    run_listener(settings, listen_socket=listen_socket)
+
+
+def serve(settings: Settings, workers: int = 1, log_level: str = "INFO") -> int:
+    """Migrate the database, then run ``workers`` listener processes until SIGTERM/SIGINT."""
+    upgrade(settings.effective_database_url)
+    if workers <= 1:
+        run_listener(settings)
+        return 0
+
+    listen_socket = shared_socket(settings)
+    stop = threading.Event()
+    restore = _install_stop_handlers(stop)
+    ctx = multiprocessing.get_context("spawn")
+    procs: list[multiprocessing.process.BaseProcess | None] = [None] * workers
+    started_at = [0.0] * workers
+    try:
+        while not stop.is_set():
+            for i, proc in enumerate(procs):
+                if proc is not None and proc.is_alive():
+                    continue
+                if proc is not None:
+                    LOGGER.error("worker %d (pid %s) exited with %s; restarting", i, proc.pid, proc.exitcode)
+                if time.monotonic() - started_at[i] < RESTART_BACKOFF:
+                    continue
+                proc = ctx.Process(target=_worker_main, args=(settings, log_level, listen_socket),
+                                   name=f"preread-listen-{i}")
+                proc.start()
+                procs[i], started_at[i] = proc, time.monotonic()
+                LOGGER.info("worker %d started (pid %d)", i, proc.pid)
+            stop.wait(0.5)
+    finally:
+        for proc in procs:
+            if proc is not None and proc.is_alive() and proc.pid:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + DRAIN_SECONDS + 5
+        for proc in procs:
+            if proc is not None:
+                proc.join(max(0.1, deadline - time.monotonic()))
+                if proc.is_alive():
+                    proc.kill()
+        listen_socket.close()
+        restore()
+    return 0

@@ -1,0 +1,40 @@
+"""The coordinator loop: stability monitor, outbox dispatcher and reconciler on one timer."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+
+from preread.schemas.settings import Settings
+from preread.worker.pipeline.outbox import dispatch_once
+from preread.worker.pipeline.reconciler import reconcile_once
+
+log = logging.getLogger(__name__)
+
+#: Reconcile every this many passes (it scans more than the dispatcher).
+RECONCILE_EVERY = 10
+
+
+def coordinate_once(settings: Settings, app: Celery, pass_no: int = 0) -> int:
+    """One pass: mark quiet studies STABLE, publish the outbox, sometimes reconcile."""
+    from preread.ingest.assembly.stability import run_once as mark_stable
+
+    done = len(mark_stable(settings.effective_database_url, settings.stable_after))
+    done += dispatch_once(settings, app)
+    if pass_no % RECONCILE_EVERY == 0:
+        done += reconcile_once(settings)
+    return done
+
+
+def coordinate_forever(settings: Settings, app: Celery, stop: threading.Event) -> None:
+    """Run passes until ``stop`` is set; a failing pass is logged and retried, never fatal."""
+    pass_no = 0
+    while not stop.is_set():
+        try:
+            coordinate_once(settings, app, pass_no)
+        except Exception as exc:  # database or broker briefly away: try again next pass
+            log.warning("coordinator pass failed: %s: %s", type(exc).__name__, exc)
+        pass_no += 1
+        stop.wait(settings.dispatch_interval)

@@ -1,0 +1,70 @@
+"""What the pipeline is doing now: studies per state, queue depths, recent failures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from celery import Celery
+from sqlalchemy import func, select
+
+from preread.schemas.database import session_scope
+from preread.schemas.settings import Settings
+from preread.schemas.tables import Outbox, Study, StudyState
+from preread.worker.pipeline.queues import QUEUES
+
+
+@dataclass
+class Failure:
+    """A FAILED study and why (no patient data)."""
+
+    study_uid: str
+    error: str
+    at: datetime
+
+
+@dataclass
+class PipelineStatus:
+    """A snapshot for ``preread status`` and the live display of ``preread run``."""
+
+    states: dict[str, int] = field(default_factory=dict)
+    queues: dict[str, int | None] = field(default_factory=dict)
+    outbox_pending: int = 0
+    failures: list[Failure] = field(default_factory=list)
+
+
+def queue_depths(app: Celery) -> dict[str, int | None]:
+    """Messages waiting per queue, or None where the broker cannot be asked."""
+    depths: dict[str, int | None] = {}
+    try:
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            for name in QUEUES:
+                try:
+                    depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
+                except Exception:
+                    depths[name] = None
+    except Exception:
+        depths = {name: None for name in QUEUES}
+    return depths
+
+
+def snapshot(settings: Settings, app: Celery | None = None, *, failures: int = 5) -> PipelineStatus:
+    """Read the pipeline's state from the database (and the broker when given)."""
+    status = PipelineStatus(states={str(s): 0 for s in StudyState})
+    with session_scope(settings.effective_database_url) as session:
+        for state, count in session.execute(select(Study.state, func.count()).group_by(Study.state)):
+            status.states[state] = count
+        status.outbox_pending = session.execute(
+            select(func.count()).select_from(Outbox).where(Outbox.sent_at.is_(None))
+        ).scalar_one()
+        rows = session.execute(
+            select(Study.study_instance_uid, Study.error, Study.state_changed_at)
+            .where(Study.state == StudyState.FAILED)
+            .order_by(Study.state_changed_at.desc())
+            .limit(failures)
+        ).all()
+        status.failures = [Failure(uid, err or "", at) for uid, err, at in rows]
+    if app is not None:
+        status.queues = queue_depths(app)
+    return status
