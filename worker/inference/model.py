@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from preread.schemas.settings import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -154,7 +156,7 @@ def _cached_loaded(model_id: str, revision: str | None, device: str, min_pixels:
     return _assemble(model_id, revision, torch.device(device), weights, processor, min_pixels, max_pixels)
 
 
-def get_model_for_settings(settings: Any) -> LoadedModel:
+def get_model_for_settings(settings: Settings) -> LoadedModel:
     """The process-wide model named by ``Settings`` (model, revision, device, pixel budget)."""
     return get_model(
         settings.model, settings.model_revision, settings.device, settings.min_pixels, settings.max_pixels
