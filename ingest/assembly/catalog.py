@@ -11,9 +11,10 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from sqlalchemy import case, literal, null, select, update
+from sqlalchemy import ColumnElement, Table, Update, case, literal, literal_column, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -124,13 +125,41 @@ def requested_priority(ds: Dataset) -> int:
     return rank
 
 
-def _insert(session: Session, table):  # type: ignore[no-untyped-def]
+def _insert(session: Session, table: type[Study] | type[Series] | type[Instance]) -> postgresql.Insert | sqlite.Insert:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         return postgresql.insert(table)
     if dialect == "sqlite":
         return sqlite.insert(table)
     raise NotImplementedError(f"unsupported database dialect {dialect}")
+
+
+#: The studies table (declarative mapping always makes a Table; ``__table__`` is typed as any FromClause).
+STUDIES = cast(Table, Study.__table__)
+
+
+def receive_study(study_id: int | ColumnElement[Any], now: ColumnElement[datetime]) -> Update:
+    """The re-open rule, as the one UPDATE of a study row that a new instance makes.
+
+    The study is receiving and its quiet period restarts at ``now``. A study that
+    had moved past RECEIVING is re-opened (its state changes now and its error is
+    cleared), so a new draft is made once it is stable again; earlier drafts are
+    kept. The rule is decided in SQL, on the row as this UPDATE locks it: a
+    stability monitor may have made the study STABLE a moment ago.
+    """
+    receiving: ColumnElement[str] = literal_column(f"'{StudyState.RECEIVING.value}'")
+    reopen = STUDIES.c.state != receiving
+    return (
+        update(STUDIES)
+        .where(STUDIES.c.id == study_id)
+        .values(
+            last_received_at=now,
+            updated_at=now,
+            state=receiving,
+            state_changed_at=case((reopen, now), else_=STUDIES.c.state_changed_at),
+            error=case((reopen, null()), else_=STUDIES.c.error),
+        )
+    )
 
 
 def upsert_study(session: Session, ds: Dataset, ident: InstanceIdentity, source: str = "listener") -> int:
@@ -161,25 +190,12 @@ def upsert_study(session: Session, ds: Dataset, ident: InstanceIdentity, source:
 
 
 def note_new_instance(session: Session, study_id: int, modality: str | None) -> None:
-    """A new instance arrived: the study is receiving again and its quiet period restarts.
-
-    A study that had moved past RECEIVING is re-opened, so a new draft is made
-    once it is stable again; earlier drafts are kept.
-    """
-    now = utcnow()
-    study = session.execute(select(Study.state, Study.modalities).where(Study.id == study_id)).one()
-    changes: dict[str, object] = {"last_received_at": now, "updated_at": now}
-    if modality and study.modalities and modality not in study.modalities.split("\\"):
-        changes["modalities"] = f"{study.modalities}\\{modality}"[:64]
-    # Re-opening is decided in SQL, on the row as this UPDATE locks it: a stability
-    # monitor may have made the study STABLE since the SELECT above.
-    reopen = Study.state != StudyState.RECEIVING
-    changes.update(
-        state=StudyState.RECEIVING,
-        state_changed_at=case((reopen, literal(now, UTCDateTime())), else_=Study.state_changed_at),
-        error=case((reopen, null()), else_=Study.error),
-    )
-    session.execute(update(Study).where(Study.id == study_id).values(**changes))
+    """A new instance arrived: :func:`receive_study`, and its modality added to the study's."""
+    statement = receive_study(study_id, literal(utcnow(), UTCDateTime()))
+    modalities = session.execute(select(Study.modalities).where(Study.id == study_id)).scalar_one()
+    if modality and modalities and modality not in modalities.split("\\"):
+        statement = statement.values(modalities=f"{modalities}\\{modality}"[:64])
+    session.execute(statement)
 
 
 def upsert_series(session: Session, ds: Dataset, ident: InstanceIdentity, study_id: int) -> int:

@@ -460,7 +460,10 @@ class Engine:
         logits = self.model(
             **batch,
             image_grid_thw=torch.cat(grids).to(device),
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(rows_features))},
+            mm_encoder_outputs={
+                # Qwen2.5-VL takes the per-image features as a tuple here; transformers types the field as one Tensor
+                "image": BaseModelOutputWithPooling(pooler_output=tuple(rows_features))  # type: ignore[arg-type]
+            },
             logits_to_keep=1,
             use_cache=False,
         ).logits[:, -1, :].float()

@@ -57,14 +57,16 @@ def _load_weights(model_id: str, revision: str | None, dev: torch.device) -> tup
     """The model weights, as the model card loads them."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    # a (model, loading info) pair with output_loading_info=True, which transformers' types do not say
+    loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         model_id,
-        revision=revision,
+        revision=revision or "main",
         dtype=dtype_for(dev),
         attn_implementation="sdpa",
         device_map=str(dev) if dev.type == "cuda" else None,
         output_loading_info=True,
     )
+    model, info = loaded
     return model.to(dev).eval(), dict(info)
 
 
