@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, Table, Update, case, literal, literal_column, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
 
 from preread.schemas.tables import Instance, Series, Study, StudyState, UTCDateTime, utcnow
 
@@ -134,8 +135,57 @@ def _insert(session: Session, table: type[Study] | type[Series] | type[Instance]
     raise NotImplementedError(f"unsupported database dialect {dialect}")
 
 
-#: The studies table (declarative mapping always makes a Table; ``__table__`` is typed as any FromClause).
+#: The studies and instances tables (declarative mapping always makes a Table; ``__table__`` is typed as any FromClause).
 STUDIES = cast(Table, Study.__table__)
+INSTANCES = cast(Table, Instance.__table__)
+
+
+#: The columns a new instance row is inserted with.
+INSTANCE_COLUMNS = (
+    "series_id", "sop_instance_uid", "sop_class_uid", "transfer_syntax_uid", "instance_number", "number_of_frames",
+    "path", "size_bytes", "received_at",
+)
+
+
+def insert_instance(dialect: str) -> ReturningInsert[Any]:
+    """The one INSERT of an instance row, its values bound by column name (:func:`instance_row`).
+
+    A SOP Instance UID already stored inserts nothing: the first copy wins, and
+    the statement returns no id (RETURNING, not rowcount: psycopg reports -1
+    for an INSERT that the dialect made RETURNING).
+    """
+    insert: postgresql.Insert | sqlite.Insert
+    if dialect == "postgresql":
+        insert = postgresql.insert(INSTANCES)
+    elif dialect == "sqlite":
+        insert = sqlite.insert(INSTANCES)
+    else:
+        raise NotImplementedError(f"unsupported database dialect {dialect}")
+    return insert.on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(INSTANCES.c.id)
+
+
+def instance_row(
+    ds: Dataset,
+    ident: InstanceIdentity,
+    series_id: int,
+    path: Path,
+    size_bytes: int,
+    transfer_syntax_uid: str | None,
+    received_at: object,
+) -> dict[str, object]:
+    """The values of a new instance row, by column name (:data:`INSTANCE_COLUMNS`), for :func:`insert_instance`."""
+    values = (
+        series_id,
+        ident.sop_instance_uid,
+        ident.sop_class_uid,
+        transfer_syntax_uid,
+        int_attribute(ds, "InstanceNumber"),
+        int_attribute(ds, "NumberOfFrames") or 1,
+        str(path),
+        size_bytes,
+        received_at,
+    )
+    return dict(zip(INSTANCE_COLUMNS, values, strict=True))
 
 
 def receive_study(study_id: int | ColumnElement[Any], now: ColumnElement[datetime]) -> Update:
@@ -230,22 +280,9 @@ def record_instance(
     ident = identity_of(ds)
     study_id = upsert_study(session, ds, ident, source)
     series_id = upsert_series(session, ds, ident, study_id)
-    frames = int_attribute(ds, "NumberOfFrames") or 1
     result = session.execute(
-        _insert(session, Instance)
-        .values(
-            series_id=series_id,
-            sop_instance_uid=ident.sop_instance_uid,
-            sop_class_uid=ident.sop_class_uid,
-            transfer_syntax_uid=transfer_syntax_uid,
-            instance_number=int_attribute(ds, "InstanceNumber"),
-            number_of_frames=frames,
-            path=str(path),
-            size_bytes=size_bytes,
-            received_at=utcnow(),
-        )
-        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-        .returning(Instance.id)  # not rowcount: psycopg reports -1 when the dialect adds RETURNING
+        insert_instance(session.get_bind().dialect.name),
+        instance_row(ds, ident, series_id, path, size_bytes, transfer_syntax_uid, utcnow()),
     )
     created = result.first() is not None
     if created:

@@ -6,7 +6,9 @@ series ids are then remembered, so every further instance of that series is
 two statements (insert the instance, touch the study) in one transaction,
 sent as fixed SQL text on the driver's own connection (SQLite and psycopg),
 without SQLAlchemy's per-statement compile and result machinery: the ingest
-hot path is a few tens of microseconds of Python plus the commit.
+hot path is a few tens of microseconds of Python plus the commit. Both
+statements are the catalog's own (:func:`~preread.ingest.assembly.catalog.insert_instance`,
+:func:`~preread.ingest.assembly.catalog.receive_study`), compiled to that SQL once.
 """
 
 from __future__ import annotations
@@ -15,25 +17,32 @@ import fcntl
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, Engine, Table, Update, bindparam, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine, bindparam, select
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.sql.dml import UpdateBase
 
-from preread.ingest.assembly.catalog import InstanceIdentity, int_attribute, receive_study, record_instance
-from preread.schemas.tables import Instance, Series, UTCDateTime, utcnow
+from preread.ingest.assembly.catalog import (
+    INSTANCE_COLUMNS,
+    INSTANCES,
+    InstanceIdentity,
+    insert_instance,
+    instance_row,
+    receive_study,
+    record_instance,
+)
+from preread.schemas.tables import Series, UTCDateTime, utcnow
 
 #: Series whose ids are remembered, per process.
 CACHE_SIZE = 4096
 
-_instances = cast(Table, Instance.__table__)  # declarative mapping always makes a Table
 
 
 #: :func:`~preread.ingest.assembly.catalog.receive_study` with its two values as named parameters.
@@ -42,9 +51,10 @@ _TOUCH = receive_study(bindparam("b_study_id"), bindparam("b_now", type_=UTCDate
 
 
 
-def _qmark_sql(statement: Update) -> tuple[str, tuple[str, ...]]:
-    """``statement`` as plain SQL (valid on SQLite and Postgres) with ``?`` placeholders, and their parameter names."""
-    compiled = statement.compile(dialect=sqlite.dialect(paramstyle="qmark"))
+def _qmark_sql(statement: UpdateBase, columns: Sequence[str] | None = None) -> tuple[str, tuple[str, ...]]:
+    """``statement`` (with values for ``columns``) as plain SQL, valid on SQLite and Postgres, with ``?``
+    placeholders; and the parameter names in their order."""
+    compiled = statement.compile(dialect=sqlite.dialect(paramstyle="qmark"), column_keys=columns)
     return compiled.string, tuple(compiled.positiontup or ())
 
 
@@ -107,11 +117,7 @@ class InstanceIndex:
         self._ids: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
         self._lock = threading.Lock()
         dialect = engine.dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        # RETURNING, not rowcount: psycopg reports -1 for an INSERT that the dialect made RETURNING
-        self._insert = (
-            insert(_instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(_instances.c.id)
-        )
+        self._insert = insert_instance(dialect)
         # the same two statements as driver SQL, for the drivers we know the parameter style of
         mark = {"sqlite": "?", "postgresql": "%s"}.get(dialect) if engine.dialect.driver in ("pysqlite", "psycopg") else None
         self._raw = mark is not None
@@ -119,7 +125,7 @@ class InstanceIndex:
         self._insert_sql = _INSERT_SQL.replace("?", mark) if mark else ""
         self._touch_sql = _TOUCH_SQL.replace("?", mark) if mark else ""
         self._record_sql = _RECORD_SQL.replace("?", mark) if mark else ""
-        self._stamp = _instances.c.received_at.type.bind_processor(engine.dialect) or (lambda value: value)
+        self._stamp = INSTANCES.c.received_at.type.bind_processor(engine.dialect) or (lambda value: value)
         dbapi = engine.dialect.loaded_dbapi if self._raw else None
         self._integrity_error: type[Exception] = IntegrityError
         self._disconnect_errors: tuple[type[Exception], ...] = ()
@@ -207,10 +213,8 @@ class InstanceIndex:
         stamp = self._stamp(now)
         if not self._postgres and isinstance(stamp, datetime):
             stamp = stamp.isoformat(" ")  # what sqlite3's default adapter would make of it, without the adapter
-        row = (
-            series_id, ident.sop_instance_uid, ident.sop_class_uid, transfer_syntax, int_attribute(ds, "InstanceNumber"),
-            int_attribute(ds, "NumberOfFrames") or 1, str(path), size, stamp,
-        )
+        values = instance_row(ds, ident, series_id, path, size, transfer_syntax, stamp)
+        row = tuple(values[name] for name in _INSERT_PARAMS)
         values = {"b_now": stamp, "b_study_id": study_id}
         touch = tuple(values[name] for name in _TOUCH_PARAMS)
         for attempt in (1, 2):
@@ -276,29 +280,12 @@ class InstanceIndex:
         transfer_syntax: str, now: datetime,
     ) -> bool:
         """INSERT ... ON CONFLICT DO NOTHING of the instance row."""
-        result = conn.execute(
-            self._insert,
-            {
-                "series_id": series_id,
-                "sop_instance_uid": ident.sop_instance_uid,
-                "sop_class_uid": ident.sop_class_uid,
-                "transfer_syntax_uid": transfer_syntax,
-                "instance_number": int_attribute(ds, "InstanceNumber"),
-                "number_of_frames": int_attribute(ds, "NumberOfFrames") or 1,
-                "path": str(path),
-                "size_bytes": size,
-                "received_at": now,
-            },
-        )
+        result = conn.execute(self._insert, instance_row(ds, ident, series_id, path, size, transfer_syntax, now))
         return result.first() is not None
 
 
-#: :meth:`InstanceIndex._insert` as driver SQL (``?`` is replaced by the driver's placeholder).
-_INSERT_SQL = (
-    "INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, instance_number, "
-    "number_of_frames, path, size_bytes, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id"
-)
+#: :func:`~preread.ingest.assembly.catalog.insert_instance` as driver SQL (``?`` becomes the driver's placeholder).
+_INSERT_SQL, _INSERT_PARAMS = _qmark_sql(insert_instance("sqlite"), INSTANCE_COLUMNS)
 #: :data:`_TOUCH` as driver SQL: every CASE sees the row as it was before this UPDATE.
 _TOUCH_SQL, _TOUCH_PARAMS = _qmark_sql(_TOUCH)
 
