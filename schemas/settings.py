@@ -13,8 +13,6 @@ should not hold is an error that names it.
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import os
 import re
 import tomllib
@@ -45,14 +43,18 @@ _FALSE_WORDS = frozenset({"off", "false", "no", "0"})
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-class SettingsFileError(ValueError):
+class SettingsError(ValueError):
+    """A setting has a value it cannot have; the message names each ``PREREAD_*`` variable and what it must be."""
+
+
+class SettingsFileError(SettingsError):
     """The settings file is missing, is not TOML, or holds a key that is not a setting."""
 
 
 class TlsFiles(BaseModel):
     """The shared ``tls`` table shape: our certificate and key, and the CA that verifies peers."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     cert: Path | None = Field(None, description="PEM certificate chain presented to peers.")
     key: Path | None = Field(None, description="PEM private key of ``cert``.")
@@ -65,7 +67,7 @@ class Endpoint(BaseModel):
     Each kind adds its own keys (kept as extra fields until that kind's model exists).
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
 
     name: str = Field(min_length=1, description="Unique name, used in logs, status and the database.")
     kind: str = Field(min_length=1, description="What the peer is, e.g. 'dicom', 'dicomweb', 'fhir', 'webhook'.")
@@ -98,6 +100,7 @@ class SettingsFile(TomlConfigSettingsSource):
 
 def _suggest(key: str, known: set[str]) -> str:
     """A did-you-mean hint for a misspelt or prefixed setting name."""
+    import difflib  # only on this error path
     name = key.lower().removeprefix(ENV_PREFIX.lower())
     if name in known:
         return f" (write it without the prefix: {name!r})"
@@ -117,7 +120,10 @@ def _split_commas(value: Any) -> Any:
 class Settings(BaseSettings):
     """All configuration of infimed-preread."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=None, extra="forbid", validate_default=True)
+    # defer_build: the validators are built on first use, not when a command that never reads settings starts
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=None, extra="forbid", validate_default=True, defer_build=True
+    )
 
     # --- storage and persistence -------------------------------------------------
     data_dir: Path = Field(Path("./preread-data"), description="Root of stored instances, PNGs and quarantine.")
@@ -233,6 +239,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_aes")
     @classmethod
     def _allowed_aes_valid(cls, value: list[str]) -> list[str]:
+        import ipaddress  # only when there is an allowlist to read
         entries = []
         for item in value:
             title, at, address = (part.strip() for part in item.partition("@"))
@@ -310,5 +317,11 @@ def describe_error(exc: ValidationError | SettingsFileError) -> str:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment and the settings file."""
-    return Settings()
+    """The process-wide settings, read once from the environment and the settings file.
+
+    Raises :class:`SettingsError` (one line per bad setting, naming it) for an operator to read.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_error(exc)) from None

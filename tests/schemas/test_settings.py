@@ -230,3 +230,20 @@ def test_command_reads_the_settings_file(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert (data_dir / "preread.db").is_file()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_process_settings_error_names_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from preread.schemas.settings import SettingsError, get_settings
+
+    monkeypatch.setenv("PREREAD_DEVICE", "gpu")
+    monkeypatch.setenv("PREREAD_PORT", "http")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SettingsError) as exc:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert str(exc.value).splitlines() == [
+        "PREREAD_DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', not 'gpu'",
+        "PREREAD_PORT: Input should be a valid integer, unable to parse string as an integer",
+    ]
