@@ -65,7 +65,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (Path(purelib) / "zz_test_dependencies.pth").write_text("\n".join(_dependency_paths()) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     _run(
-        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps", str(source)],
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps",
+         "--ignore-installed", str(source)],  # the test venv's own (editable) install is not this one
         root,
         env,
     )
