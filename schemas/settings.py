@@ -71,7 +71,11 @@ class Endpoint(BaseModel):
 
     name: str = Field(min_length=1, description="Unique name, used in logs, status and the database.")
     kind: str = Field(min_length=1, description="What the peer is, e.g. 'dicom', 'dicomweb', 'fhir', 'webhook'.")
-    tls: TlsFiles | None = Field(None, description="TLS files for this peer, when it needs TLS.")
+    tls: TlsFiles | None = Field(
+        None,
+        description="TLS files for this peer, when it needs TLS.",
+        exclude_if=lambda value: value is None,  # a dump holds the keys the table had, for the kind's own model
+    )
 
 
 class Destination(Endpoint):

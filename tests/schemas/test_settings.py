@@ -87,6 +87,11 @@ kind = "dicomweb"
         cert=Path("/etc/preread/cert.pem"), key=Path("/etc/preread/key.pem"), ca=Path("/etc/preread/ca.pem")
     )
     assert (ehr.name, ehr.kind, ehr.tls) == ("ehr", "fhir", None)
+    # what a kind's own model is validated from: the table's keys, the tls table in its shape
+    assert ehr.model_dump() == {"name": "ehr", "kind": "fhir"}
+    assert pacs.model_dump()["tls"] == {
+        "cert": Path("/etc/preread/cert.pem"), "key": Path("/etc/preread/key.pem"), "ca": Path("/etc/preread/ca.pem")
+    }
     assert settings.sources == [Source(name="archive", kind="dicomweb")]
 
 
