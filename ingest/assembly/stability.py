@@ -6,7 +6,7 @@ run it at once: each pass is one transaction that flips quiet RECEIVING
 studies to STABLE with a conditional UPDATE (Postgres: rows locked with
 ``FOR UPDATE SKIP LOCKED``) and writes one ``Outbox(topic="render")`` row per
 flipped study in the same transaction. An instance that arrives later
-re-opens the study (``ingest.catalog.upsert_study``).
+re-opens the study (:func:`~preread.ingest.assembly.catalog.receive_study`).
 """
 
 from __future__ import annotations

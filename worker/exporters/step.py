@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import urllib.request
-from pathlib import Path
 from typing import Any
 
+from preread.ingest.storage.files import write_atomic
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Study, StudyState
@@ -52,16 +51,6 @@ def sign(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def post_webhook(url: str, payload: dict[str, Any], secret: str | None, timeout: float = 10.0) -> None:
     """POST ``payload`` as JSON; raises ``ConnectionError`` on failure so the task retries."""
     body = json.dumps(payload, sort_keys=True).encode()
@@ -94,7 +83,7 @@ def export_step(settings: Settings, study_id: int) -> StepOutcome:
         }
         uid = study.study_instance_uid
     if settings.export_fhir:
-        _write_atomic(settings.exports_dir / f"{uid}.json", json.dumps(resource, indent=2).encode())
+        write_atomic(settings.exports_dir / f"{uid}.json", [json.dumps(resource, indent=2).encode()])
     if settings.webhook_url:
         post_webhook(settings.webhook_url, payload, settings.webhook_secret)
     with session_scope(settings.effective_database_url) as session:

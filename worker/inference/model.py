@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from preread.schemas.settings import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -55,14 +57,16 @@ def _load_weights(model_id: str, revision: str | None, dev: torch.device) -> tup
     """The model weights, as the model card loads them."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    # a (model, loading info) pair with output_loading_info=True, which transformers' types do not say
+    loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         model_id,
-        revision=revision,
+        revision=revision or "main",
         dtype=dtype_for(dev),
         attn_implementation="sdpa",
         device_map=str(dev) if dev.type == "cuda" else None,
         output_loading_info=True,
     )
+    model, info = loaded
     return model.to(dev).eval(), dict(info)
 
 
@@ -154,7 +158,7 @@ def _cached_loaded(model_id: str, revision: str | None, device: str, min_pixels:
     return _assemble(model_id, revision, torch.device(device), weights, processor, min_pixels, max_pixels)
 
 
-def get_model_for_settings(settings: Any) -> LoadedModel:
+def get_model_for_settings(settings: Settings) -> LoadedModel:
     """The process-wide model named by ``Settings`` (model, revision, device, pixel budget)."""
     return get_model(
         settings.model, settings.model_revision, settings.device, settings.min_pixels, settings.max_pixels

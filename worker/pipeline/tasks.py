@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from celery import Task
 from celery.signals import worker_process_init, worker_ready
-from sqlalchemy import update
+from sqlalchemy import CursorResult, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from preread.schemas.database import session_scope
@@ -78,11 +78,11 @@ def _begin_attempt(settings: Settings, study_id: int, expect: tuple[StudyState, 
     make a study that failed once look retried.
     """
     with session_scope(settings.effective_database_url) as session:
-        counted = session.execute(
+        counted = cast(CursorResult[Any], session.execute(
             update(Study)
             .where(Study.id == study_id, Study.state.in_([str(s) for s in expect]))
             .values(attempts=Study.attempts + 1)
-        ).rowcount
+        )).rowcount
     return bool(counted)
 
 
