@@ -63,8 +63,16 @@ class Settings(BaseSettings):
     )
 
     # --- queue ------------------------------------------------------------------------
-    visibility_timeout: int = Field(3600, description="Seconds before Redis redelivers an unacknowledged task.")
-    reconcile_after: float = Field(300.0, description="Seconds a study may sit in STABLE/RENDERED/DRAFTED before it is re-enqueued.")
+    longest_task: float = Field(900.0, description="Seconds the longest task may take (an infer of a large study on CPU).")
+    visibility_timeout: int | None = Field(
+        None, description="Seconds before Redis redelivers an unacknowledged task; default twice longest_task."
+    )
+    reconcile_after: float = Field(
+        300.0,
+        description="Seconds a study may wait in STABLE or RENDERED, or in DRAFTED while an exporter is enabled, "
+        "with no hand-off in flight before the reconciler re-enqueues it.",
+    )
+    readiness_recheck: float = Field(60.0, description="Seconds between model-load checks of a not-ready infer worker.")
     max_attempts: int = Field(5, description="Attempts per study before it is FAILED for good.")
     dispatch_interval: float = Field(0.5, description="Seconds between outbox, stability and reconciler passes.")
 
@@ -91,6 +99,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'preread.db').resolve()}"
+
+    @property
+    def effective_visibility_timeout(self) -> int:
+        """Seconds before Redis redelivers a task: set, or twice the longest expected task."""
+        return self.visibility_timeout or int(2 * self.longest_task)
 
     @property
     def export_enabled(self) -> bool:
