@@ -88,17 +88,15 @@ def _begin_attempt(settings: Settings, study_id: int, expect: tuple[StudyState, 
 
 def give_up(settings: Settings, study_id: int, stage: str, reason: str) -> None:
     """The stage has failed for good: FAILED with the stage and reason, except that export keeps the draft."""
-    error = f"{stage}: {reason}"[:2000]
-    with session_scope(settings.effective_database_url) as session:
-        if stage == EXPORT:
-            # A finished draft stays DRAFTED; the export's failure is recorded beside it.
-            session.execute(update(Study).where(Study.id == study_id, Study.state == str(StudyState.DRAFTED)).values(error=error))
-        else:
-            set_state(session, study_id, StudyState.FAILED, error=error)
     if stage == EXPORT:
+        from preread.worker.exporters.step import record_export_failure
+
+        record_export_failure(settings, study_id, reason)  # a finished draft stays DRAFTED, the reason beside it
         log.error("study %s: export failed, the draft stays DRAFTED: %s", study_id, reason)
-    else:
-        log.error("study %s FAILED in %s: %s", study_id, stage, reason)
+        return
+    with session_scope(settings.effective_database_url) as session:
+        set_state(session, study_id, StudyState.FAILED, error=f"{stage}: {reason}"[:2000])
+    log.error("study %s FAILED in %s: %s", study_id, stage, reason)
 
 
 def _hand_off(settings: Settings) -> None:
