@@ -64,4 +64,7 @@ def status() -> None:
 
     settings = get_settings()
     upgrade(settings.effective_database_url)
-    Console().print(render_status(snapshot(settings, app)))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped or logged: whole lines, that grep finds
+    console.print(render_status(snapshot(settings, app)))
