@@ -103,3 +103,30 @@ def test_infer_worker_without_its_model_is_not_ready_and_the_study_waits(
             raise AssertionError(pipe.logs()) from None
     assert "preread.infer_study[" not in pipe.procs["infer-bad"].output(), "the not-ready worker took no infer task"
     assert "preread.infer_study[" in pipe.procs["infer-good"].output()
+
+
+def test_not_ready_worker_rechecks_on_preread_retry_and_drafts_on_its_own(
+    tmp_path: Path, pg_url: str, redis_server: RedisServer, tiny_model_dir: Path
+) -> None:
+    """The model folder appears later; `preread retry` makes the waiting worker look again at once."""
+    import shutil
+
+    folder = tmp_path / "model-arrives-later"
+    with processes() as started:
+        pipe = Pipeline(tmp_path, pg_url, redis_server.url, folder, started, readiness_recheck=3600)
+        pipe.listener()
+        pipe.start("worker", "worker", "--queues", "render,infer", "--concurrency", "1")
+        assert storescu(pipe.port, [testdata("CT_small.dcm")]).returncode == 0
+        try:
+            wait_until(lambda: all_in(pg_url, StudyState.RENDERED, 1)
+                       and any(r.state == "not_ready" for r in heartbeats(pg_url)), 240, what="RENDERED, not ready")
+        except AssertionError:
+            raise AssertionError(pipe.logs()) from None
+        shutil.copytree(tiny_model_dir, folder)
+        asked = subprocess.run(preread_argv("retry"), env=pipe.env, capture_output=True, text=True, timeout=120)
+        assert asked.returncode == 0, asked.stderr
+        try:
+            wait_until(lambda: all_in(pg_url, StudyState.DRAFTED, 1), 240, what="DRAFTED after the recheck")
+        except AssertionError:
+            raise AssertionError(pipe.logs()) from None
+    assert "recheck asked by preread retry" in pipe.procs["worker"].output()

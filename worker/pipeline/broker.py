@@ -53,6 +53,7 @@ def message_priority(broker_url: str, rank: int) -> int | None:
 def make_celery(settings: Settings | None = None) -> Celery:
     """A configured Celery app for ``settings`` (default: the environment's)."""
     settings = settings or get_settings()
+    transport_options: dict[str, object]
     if settings.broker_url:
         broker_url, transport_options = settings.broker_url, {}
     else:

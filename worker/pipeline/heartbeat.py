@@ -38,7 +38,8 @@ class HeartbeatWriter:
                  details: dict[str, Any] | None = None, interval: float = BEAT_INTERVAL_S) -> None:
         self.url, self.role, self.queues, self.interval = url, role, queues, interval
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.state, self.reason, self.details = state, None, dict(details or {})
+        self.state, self.details = state, dict(details or {})
+        self.reason: str | None = None
         self.started_at = utcnow()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -165,7 +166,7 @@ def recheck_requested(url: str, since: datetime) -> bool:
                                             Heartbeat.role == str(ProcessRole.WORKER))
         ).scalar_one_or_none()
     asked = (details or {}).get("recheck_requested")
-    return bool(asked) and datetime.fromisoformat(asked) > since
+    return isinstance(asked, str) and datetime.fromisoformat(asked) > since
 
 
 def prune(url: str) -> int:

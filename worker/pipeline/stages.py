@@ -12,8 +12,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from sqlalchemy import select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from preread.schemas.database import session_scope
@@ -71,7 +73,7 @@ def set_state(
         values["error"] = error
     if state != StudyState.FAILED:
         values["attempts"] = 0  # attempts count per stage
-    changed = session.execute(stmt.values(**values)).rowcount
+    changed = cast("CursorResult[Any]", session.execute(stmt.values(**values))).rowcount
     if changed and handoff:
         session.add(Outbox(study_id=study_id, topic=handoff, priority=priority, payload={"study_id": study_id}))
     return bool(changed)
