@@ -46,14 +46,14 @@ class Receiver(BaseHTTPRequestHandler):
 @pytest.fixture
 def worker_app(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     """The worker's Celery app in this process, on this test's database and an in-memory broker."""
-    from preread.worker.pipeline.celery_app import app
-
     hook_port = free_port()
     env = dict(DATA_DIR=str(tmp_path), DATABASE_URL=pg_url, BROKER_URL="memory://", MAX_ATTEMPTS="3",
                WEBHOOK_URL=f"http://127.0.0.1:{hook_port}/hook", RECONCILE_AFTER="30")
     for key, value in env.items():
         monkeypatch.setenv(f"PREREAD_{key}", value)
     get_settings.cache_clear()
+    from preread.worker.pipeline.celery_app import app  # built from this environment when first imported
+
     previous = app.conf.preread_settings, app.conf.broker_url, app.conf.broker_transport_options
     app.conf.preread_settings = Settings()
     app.conf.broker_url, app.conf.broker_transport_options = "memory://", {}

@@ -48,7 +48,8 @@ def test_listen_and_worker_without_a_coordinator_draft_a_study(
     with processes() as started:
         pipe = Pipeline(tmp_path, pg_url, redis_server.url, tiny_model_dir, started)
         pipe.listener()
-        pipe.start("worker", "worker", "--queues", "render,infer,export", "--concurrency", "1")
+        pipe.render_worker()
+        pipe.start("infer", "worker", "--queues", "infer", "--concurrency", "1")  # only the queue it holds back at first
         assert storescu(pipe.port, [testdata("CT_small.dcm")]).returncode == 0
         try:
             wait_until(lambda: all_in(pg_url, StudyState.DRAFTED, 1), 240, what="the study DRAFTED without a coordinator")
