@@ -23,10 +23,14 @@ from preread.schemas.tables import Heartbeat, ProcessRole, ProcessState, utcnow
 
 log = logging.getLogger(__name__)
 
+#: The queue whose workers must have their model loaded before they take its tasks.
+MODEL_QUEUE = "infer"
 #: Seconds between two beats of a process.
 BEAT_INTERVAL_S = 5.0
 #: A process not seen for this long counts as gone.
 SEEN_WITHIN_S = 60.0
+#: The key under which ``preread retry`` asks a not-ready process to check again.
+RECHECK_KEY = "recheck_requested"
 #: Rows of processes not seen for this long are deleted by the coordinator.
 PRUNE_AFTER = timedelta(days=1)
 
@@ -70,11 +74,14 @@ class HeartbeatWriter:
     def beat(self) -> bool:
         """Upsert the row; False (logged once) while the database cannot be reached."""
         with self._lock:
-            values = dict(queues=self.queues, state=str(self.state), reason=self.reason,
-                          details=dict(self.details), last_seen=utcnow())
+            values: dict[str, Any] = dict(queues=self.queues, state=str(self.state), reason=self.reason,
+                                          details=dict(self.details), last_seen=utcnow())
         try:
             with session_scope(self.url) as session:
                 key = (Heartbeat.role == str(self.role), Heartbeat.host == self.host, Heartbeat.pid == self.pid)
+                before = session.execute(select(Heartbeat.details).where(*key).with_for_update()).scalar_one_or_none()
+                if before and RECHECK_KEY in before:  # a request of `preread retry` is kept, not overwritten
+                    values["details"] = {**values["details"], RECHECK_KEY: before[RECHECK_KEY]}
                 if not session.execute(update(Heartbeat).where(*key).values(**values)).rowcount:
                     session.add(Heartbeat(role=str(self.role), host=self.host, pid=self.pid,
                                           started_at=self.started_at, **values))
@@ -109,6 +116,12 @@ class Seen:
     def ready(self) -> bool:
         return self.state == ProcessState.READY
 
+    def serves(self, queue: str) -> bool:
+        """Whether this worker takes ``queue``'s tasks now: not-ready is about the model, so only infer waits."""
+        if self.role != ProcessRole.WORKER or queue not in self.queues:
+            return False
+        return self.ready or (self.state == ProcessState.NOT_READY and queue != MODEL_QUEUE)
+
 
 def seen(url: str, within: float = SEEN_WITHIN_S) -> list[Seen]:
     """Processes seen in the last ``within`` seconds that have not stopped, oldest first."""
@@ -125,7 +138,7 @@ def seen(url: str, within: float = SEEN_WITHIN_S) -> list[Seen]:
 
 def ready_for(processes: list[Seen], queue: str) -> bool:
     """Whether a ready worker consuming ``queue`` has been seen."""
-    return any(p.role == ProcessRole.WORKER and queue in p.queues and p.ready for p in processes)
+    return any(p.serves(queue) for p in processes)
 
 
 def warnings(processes: list[Seen], queues: tuple[str, ...], *, need_export: bool,
@@ -142,7 +155,7 @@ def warnings(processes: list[Seen], queues: tuple[str, ...], *, need_export: boo
         if not workers:
             lines.append(f"no worker for the {queue} queue seen in the last {within:.0f} s: "
                          f"run `preread worker --queues {queue}`")
-        elif not any(p.ready for p in workers):
+        elif not any(p.serves(queue) for p in workers):
             why = next((p.reason for p in workers if p.reason), "starting")
             lines.append(f"no ready {queue} worker: {why}")
     return lines
@@ -153,7 +166,7 @@ def request_recheck(url: str) -> int:
     asked = 0
     with session_scope(url) as session:
         for row in session.scalars(select(Heartbeat).where(Heartbeat.state == str(ProcessState.NOT_READY))):
-            row.details = {**(row.details or {}), "recheck_requested": utcnow().isoformat()}
+            row.details = {**(row.details or {}), RECHECK_KEY: utcnow().isoformat()}
             asked += 1
     return asked
 
@@ -165,7 +178,7 @@ def recheck_requested(url: str, since: datetime) -> bool:
             select(Heartbeat.details).where(Heartbeat.host == socket.gethostname(), Heartbeat.pid == os.getpid(),
                                             Heartbeat.role == str(ProcessRole.WORKER))
         ).scalar_one_or_none()
-    asked = (details or {}).get("recheck_requested")
+    asked = (details or {}).get(RECHECK_KEY)
     return isinstance(asked, str) and datetime.fromisoformat(asked) > since
 
 
