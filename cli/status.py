@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from preread.schemas.settings import get_settings
 from preread.worker.pipeline.status import PipelineStatus, snapshot
@@ -27,7 +28,31 @@ def render_status(status: PipelineStatus) -> Group:
     failures.add_column("reason")
     for f in status.failures:
         failures.add_row(f.at.strftime("%Y-%m-%d %H:%M:%S"), f.study_uid, f.error)
-    return Group(states, queues, failures)
+    parts: list[RenderableType] = [states]
+    for state, why in status.waiting.items():
+        parts.append(Text(f"{status.states.get(state, 0)} {state} studies wait: {why}", style="yellow"))
+    parts += [queues, _processes(status)]
+    parts += [Text(line, style="bold red") for line in status.warnings]
+    parts.append(failures)
+    if status.export_failures:
+        exports = Table(title="Export failures (the drafts stay DRAFTED; `preread export` sends again)", show_edge=False)
+        exports.add_column("when (UTC)")
+        exports.add_column("study")
+        exports.add_column("reason")
+        for f in status.export_failures:
+            exports.add_row(f.at.strftime("%Y-%m-%d %H:%M:%S"), f.study_uid, f.error)
+        parts.append(exports)
+    return Group(*parts)
+
+
+def _processes(status: PipelineStatus) -> Table:
+    """Processes seen in the last minute, with their readiness and why not."""
+    table = Table(title="Processes (seen in the last 60 s)", show_edge=False)
+    for column in ("role", "queues", "host", "pid", "state", "reason"):
+        table.add_column(column)
+    for p in status.processes:
+        table.add_row(p.role, ",".join(p.queues), p.host, str(p.pid), p.state, p.reason or "")
+    return table
 
 
 def status() -> None:
@@ -39,4 +64,7 @@ def status() -> None:
 
     settings = get_settings()
     upgrade(settings.effective_database_url)
-    Console().print(render_status(snapshot(settings, app)))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped or logged: whole lines, that grep finds
+    console.print(render_status(snapshot(settings, app)))

@@ -174,8 +174,17 @@ class Settings(BaseSettings):
     )
 
     # --- queue ------------------------------------------------------------------------
-    visibility_timeout: int = Field(3600, gt=0, description="Seconds before Redis redelivers an unacknowledged task.")
-    reconcile_after: float = Field(300.0, gt=0, description="Seconds a study may sit in STABLE/RENDERED/DRAFTED before it is re-enqueued.")
+    longest_task: float = Field(900.0, gt=0, description="Seconds the longest task may take (an infer of a large study on CPU).")
+    visibility_timeout: int | None = Field(
+        None, gt=0, description="Seconds before Redis redelivers an unacknowledged task; default twice longest_task."
+    )
+    reconcile_after: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a study may wait in STABLE or RENDERED, or in DRAFTED while an exporter is enabled, "
+        "with no hand-off in flight before the reconciler re-enqueues it.",
+    )
+    readiness_recheck: float = Field(60.0, gt=0, description="Seconds between model-load checks of a not-ready infer worker.")
     max_attempts: int = Field(5, gt=0, description="Attempts per study before it is FAILED for good.")
     dispatch_interval: float = Field(0.5, gt=0, description="Seconds between outbox, stability and reconciler passes.")
 
@@ -277,6 +286,11 @@ class Settings(BaseSettings):
     def listener_tls(self) -> TlsFiles:
         """The listener's TLS files in the shared ``tls`` shape."""
         return TlsFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
+
+    @property
+    def effective_visibility_timeout(self) -> int:
+        """Seconds before Redis redelivers a task: set, or twice the longest expected task."""
+        return self.visibility_timeout or int(2 * self.longest_task)
 
     @property
     def export_enabled(self) -> bool:

@@ -581,7 +581,9 @@ class Listener:
             sync_writes=settings.sync_writes,
         )
         self.ae = build_ae(settings.ae_title)
-        self.monitor = StabilityMonitor(url, settings.stable_after) if monitor else None
+        from preread.worker.pipeline.outbox import OutboxPublisher  # publishes what the monitor commits
+
+        self.monitor = StabilityMonitor(url, settings.stable_after, publish=OutboxPublisher(settings)) if monitor else None
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -174,11 +174,12 @@ def test_storescu_study_is_drafted_through_separate_workers(
 
 
 def test_sigkill_of_infer_worker_mid_task_drafts_every_study_once(
-    tmp_path: Path, pg_url: str, redis_server: RedisServer, tiny_model_dir: Path
+    tmp_path: Path, pg_url: str, broker: str, tiny_model_dir: Path
 ) -> None:
+    """On Redis the task comes back after the visibility timeout (or the reconciler); on RabbitMQ at once."""
     files = make_studies(tmp_path / "in", 6)
     with processes() as started:
-        pipe = Pipeline(tmp_path, pg_url, redis_server.url, tiny_model_dir, started,
+        pipe = Pipeline(tmp_path, pg_url, broker, tiny_model_dir, started,
                         visibility_timeout=8, reconcile_after=15)
         pipe.listener()
         pipe.coordinator()

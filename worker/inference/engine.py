@@ -485,6 +485,26 @@ _engines: dict[tuple[Any, ...], Engine] = {}
 _engines_lock = threading.Lock()
 
 
+def readiness_problem(settings: Settings) -> str | None:
+    """Why this process cannot serve infer tasks, in one line naming model, device and fix; None when ready.
+
+    Loads the engine (the model, on the configured device) as the first task
+    would, so a worker that says ready has its model in memory.
+    """
+    from preread.worker.inference.model import device_problem, folder_problem
+
+    problem = device_problem(settings.model, settings.device) or folder_problem(settings.model, settings.device)
+    if problem:
+        return problem
+    try:
+        get_engine(settings)
+    except Exception as exc:  # the model cannot load: say so in one line, never a traceback per task
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        return (f"model {settings.model} could not be loaded on {settings.device}: {type(exc).__name__}: {detail}; "
+                "set PREREAD_MODEL=/path/to/folder (or PREREAD_DEVICE=cpu)")
+    return None
+
+
 def get_engine(settings: Settings) -> Engine:
     """The process-wide engine for these settings (model loaded once)."""
     key = (

@@ -163,3 +163,26 @@ def get_model_for_settings(settings: Settings) -> LoadedModel:
     return get_model(
         settings.model, settings.model_revision, settings.device, settings.min_pixels, settings.max_pixels
     )
+
+
+def device_problem(model_id: str, device: str) -> str | None:
+    """Why ``device`` cannot run ``model_id`` here, in one line with the fix; None when it can."""
+    try:
+        dev = resolve_device(device)
+    except (RuntimeError, ValueError):
+        return f"model {model_id}: device {device!r} is not known; set PREREAD_DEVICE=auto, cpu, cuda or cuda:N"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"model {model_id}: device {device} has no CUDA GPU on this machine; set PREREAD_DEVICE=cpu (or auto)"
+    return None
+
+
+def folder_problem(model_id: str, device: str) -> str | None:
+    """Why a model named as a local folder cannot be loaded (the folder is missing), in one line; else None."""
+    from pathlib import Path
+
+    path = Path(model_id).expanduser()
+    looks_local = model_id.startswith(("/", ".", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "holds no model (no config.json)"
+        return f"model folder {model_id} {what} (device {device}); set PREREAD_MODEL=/path/to/folder"
+    return None
