@@ -14,9 +14,9 @@ import socket
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import CursorResult, delete, select, update
 
 from preread.schemas.database import session_scope
 from preread.schemas.tables import Heartbeat, ProcessRole, ProcessState, utcnow
@@ -82,7 +82,7 @@ class HeartbeatWriter:
                 before = session.execute(select(Heartbeat.details).where(*key).with_for_update()).scalar_one_or_none()
                 if before and RECHECK_KEY in before:  # a request of `preread retry` is kept, not overwritten
                     values["details"] = {**values["details"], RECHECK_KEY: before[RECHECK_KEY]}
-                if not session.execute(update(Heartbeat).where(*key).values(**values)).rowcount:
+                if not cast(CursorResult[Any], session.execute(update(Heartbeat).where(*key).values(**values))).rowcount:
                     session.add(Heartbeat(role=str(self.role), host=self.host, pid=self.pid,
                                           started_at=self.started_at, **values))
         except Exception as exc:  # a database away must not end the process it watches
@@ -185,4 +185,4 @@ def recheck_requested(url: str, since: datetime) -> bool:
 def prune(url: str) -> int:
     """Delete rows of processes not seen for a day."""
     with session_scope(url) as session:
-        return int(session.execute(delete(Heartbeat).where(Heartbeat.last_seen < utcnow() - PRUNE_AFTER)).rowcount)
+        return int(cast(CursorResult[Any], session.execute(delete(Heartbeat).where(Heartbeat.last_seen < utcnow() - PRUNE_AFTER))).rowcount)

@@ -109,7 +109,7 @@ def _hand_off(settings: Settings) -> None:
         log.info("fast hand-off deferred to the dispatcher: %s", type(exc).__name__)
 
 
-class PipelineTask(Task):  # type: ignore[misc]  # celery ships no type hints
+class PipelineTask(Task):
     """A pipeline step: late acks, declared retries for transient errors, bad input never retried."""
 
     abstract = True
