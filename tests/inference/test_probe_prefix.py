@@ -139,3 +139,25 @@ def test_prefix_holds_the_images_and_the_study_context_once(engine: Engine, ct_s
         assert context_line not in suffix
         assert question.split("\n")[-1].split("?")[0][-12:] in suffix
         assert len(row) - job.prefix_len < 40 < job.prefix_len
+
+
+def test_a_profile_without_questions_scores_nothing_beside_one_with_questions(
+    sharp: LoadedModel, ct_study: tuple, cr_study: tuple, tmp_path: Path
+) -> None:
+    from preread.worker.inference.prompting import DEFAULT_PROMPTS, load_prompts
+
+    text = DEFAULT_PROMPTS.read_text()
+    start = text.index("[profile.probes]\npneumothorax")  # the chest radiograph's questions
+    end = text.index("[[profile]]", start)
+    edited = tmp_path / "preread.toml"
+    edited.write_text(text[:start] + text[end:])
+    prompts = load_prompts(edited)
+    assert prompts.probe_questions(CR_CHEST) == [] and prompts.probe_questions(CT_HEAD)
+    eng = Engine(sharp, prompts=prompts, batch_wait_ms=1.0)
+    try:
+        assert eng.probe(*cr_study) == []
+        none, ct = eng.probe_many([cr_study, ct_study])
+        assert none == []
+        assert_match(ct, separate_pass_scores(eng, *ct_study))
+    finally:
+        eng.close()

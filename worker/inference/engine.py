@@ -405,11 +405,11 @@ class Engine:
             if len(pieces) != len(counts) + 1:
                 raise ValueError("image placeholders do not match the images")
             expanded.append("".join(p + (pad * counts[i] if i < len(counts) else "") for i, p in enumerate(pieces)))
-        rows = [list(map(int, r)) for r in self.tokenizer(expanded)["input_ids"]]
+        rows = [list(map(int, r)) for r in self.tokenizer(expanded)["input_ids"]] if expanded else []
         return _ProbeJob(
             questions=questions,
             rows=rows,
-            prefix_len=shared_prefix_len(rows, int(self.processor.image_token_id)),
+            prefix_len=shared_prefix_len(rows, int(self.processor.image_token_id)) if rows else 0,
             pixel_values=pixels["pixel_values"],
             image_grid_thw=pixels["image_grid_thw"],
             submitted=time.perf_counter(),
@@ -529,14 +529,17 @@ class Engine:
     @torch.inference_mode()
     def _run_probes(self, jobs: list[_ProbeJob]) -> list[list[ProbeResult]]:
         """Score every question of the batch's studies; each study's images are encoded once."""
-        features = self._study_image_features(jobs)
-        if self.shared_prefix:
-            logits = self._probe_logits_shared_prefix(jobs, features)
-        else:
-            logits = self._probe_logits_full_rows(jobs, features)
-        yes = torch.logsumexp(logits[:, self.yes_ids], dim=-1)
-        no = torch.logsumexp(logits[:, self.no_ids], dim=-1)
-        scores = torch.sigmoid(yes - no).tolist()  # = P(yes) / (P(yes) + P(no))
+        asked = [job for job in jobs if job.rows]  # a profile may have no questions
+        scores: list[float] = []
+        if asked:
+            features = self._study_image_features(asked)
+            if self.shared_prefix:
+                logits = self._probe_logits_shared_prefix(asked, features)
+            else:
+                logits = self._probe_logits_full_rows(asked, features)
+            yes = torch.logsumexp(logits[:, self.yes_ids], dim=-1)
+            no = torch.logsumexp(logits[:, self.no_ids], dim=-1)
+            scores = torch.sigmoid(yes - no).tolist()  # = P(yes) / (P(yes) + P(no))
         results: list[list[ProbeResult]] = []
         row = 0
         for job in jobs:
