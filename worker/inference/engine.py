@@ -21,7 +21,9 @@ batcher's model thread, which runs left-padded batches:
 With ``static_cache`` (default: on CUDA) drafts decode into a static
 key/value cache whose decode step transformers compiles with ``torch.compile``
 (CUDA graphs, ``reduce-overhead``); batch sizes are rounded up to powers of
-two and cache lengths to :data:`CACHE_LENGTH_STEP` so that few graphs exist.
+two and cache lengths to :data:`CACHE_LENGTH_STEP`, and the caches are kept
+and reset between batches, so that few graphs exist and they are replayed on
+the same cache tensors.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import copy
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +68,8 @@ EMPTY_THINK = "<think>\n\n</think>\n\n"
 #: Static key/value caches are sized in steps of this many tokens, so that one compiled decode graph
 #: serves prompts of many lengths (transformers keeps the largest size seen and reuses it).
 CACHE_LENGTH_STEP = 1024
+#: Most static caches kept at once (batch sizes are few when the decode step is compiled: powers of two).
+MAX_STATIC_CACHES = 8
 #: Per-token tensors of the processor's output, left padded when rows are batched.
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
@@ -266,6 +271,10 @@ class Engine:
         #: With the static cache, the decode step is compiled (default: on CUDA; on CPU only when asked).
         self.compile_decode = self.static_cache and (on_cuda if compile_decode is None else compile_decode)
         self._compile_config = self._make_compile_config(on_cuda) if self.compile_decode else None
+        # Static caches kept across batches (one per batch size, all of one length), so that the compiled
+        # decode step and its CUDA graphs see the same cache tensors every time; reset before each use.
+        self._static_caches: OrderedDict[int, Any] = OrderedDict()
+        self._static_cache_len = 0
         # One model thread for both kinds: drafts batch up to batch_size studies, probes up to
         # probe_batch_rows questions; the two kinds never share a batch.
         self._batcher = DynamicBatcher(
@@ -478,15 +487,32 @@ class Engine:
         config.pad_token_id = self.pad_token_id
         return config
 
-    def _use_static_cache(self, config: Any, prompt_tokens: int) -> None:
-        """Decode into a static cache sized in :data:`CACHE_LENGTH_STEP` steps; compile its decode step if asked."""
-        config.cache_implementation = "static"
-        needed = prompt_tokens + int(config.max_new_tokens)
-        config.max_cache_len = -(-needed // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+    def _static_cache(self, config: Any, rows: int, prompt_tokens: int) -> Any:
+        """The kept static cache for this batch size, reset; all kept caches grow together in steps.
+
+        Sets ``config`` to compile the decode step (or not). The length is the longest needed so far
+        rounded up to :data:`CACHE_LENGTH_STEP`, so one compiled length serves most batches.
+        """
+        from transformers import cache_utils
+
         if self._compile_config is not None:
             config.compile_config = self._compile_config
         else:
             config.disable_compile = True
+        needed = prompt_tokens + int(config.max_new_tokens)
+        if needed > self._static_cache_len:
+            self._static_caches.clear()  # free the shorter ones before allocating
+            self._static_cache_len = -(-needed // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+        cache = self._static_caches.pop(rows, None)
+        if cache is None:
+            text_config = self.model.config.get_text_config(decoder=True)
+            cache = cache_utils.StaticCache(config=text_config, max_cache_len=self._static_cache_len)
+        else:
+            cache.reset()
+        self._static_caches[rows] = cache  # most recently used last
+        while len(self._static_caches) > MAX_STATIC_CACHES:
+            self._static_caches.popitem(last=False)
+        return cache
 
     @torch.inference_mode()
     def _run_drafts(self, jobs: list[_DraftJob]) -> list[_DraftOutput]:
@@ -500,12 +526,13 @@ class Engine:
         inputs = self._collate(rows)
         processors = [logits_processor(self.grammar)] if constrained else []
         config = self._generation_config(options, constrained)
+        cache: dict[str, Any] = {}
         if self.static_cache:
-            self._use_static_cache(config, int(inputs["input_ids"].shape[1]))
+            cache["cache"] = self._static_cache(config, len(rows), int(inputs["input_ids"].shape[1]))
         if options.seed is not None:
             torch.manual_seed(options.seed)
         prefilled = time.perf_counter()
-        output = self.model.generate(**inputs, generation_config=config, logits_processor=processors)
+        output = self.model.generate(**inputs, generation_config=config, logits_processor=processors, **cache)
         done = time.perf_counter()
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
