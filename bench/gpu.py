@@ -287,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     engine.shared_prefix = False
     warm_static = 0.0
     if static is not None:
-        # Compile the decode step and record its graphs for the full batch and a single row at the run's
-        # cache length (the batcher's other batch sizes are rounded to powers of two and compile on first use).
+        # Compile the decode step and record its graphs for a full batch and a single row at the run's cache
+        # length, through the batcher's thread as in the timed phase (CUDA graph trees are per thread); the
+        # batcher's other batch sizes are rounded to powers of two and compile on first use.
         start = time.perf_counter()
-        for rows_n in sorted({1, min(args.batch_size, n)}):
-            static.draft_many([(images[i % n], CTX) for i in range(rows_n)], exact)
+        full = min(args.batch_size, n)
+        run_threads(full, full, float("inf"), lambda i: static.draft(images[i], CTX, exact).completion_tokens)
+        static.draft(images[0], CTX, exact)
         sync(device)
         warm_static = time.perf_counter() - start
         print(f"static cache warm-up (compile: {static.compile_decode}): {warm_static:.1f}s", flush=True)
