@@ -152,3 +152,27 @@ def test_compiled_decode_on_cpu_equals_eager(loaded: LoadedModel, eager: Engine,
     assert {r.timings["batch_rows"] for r in got} == {4.0}
     for a, b in zip(want, got, strict=True):
         assert b.raw_output == a.raw_output and b.parse_status == ParseStatus.OK
+
+
+def test_a_failing_static_path_falls_back_to_the_dynamic_cache_once(
+    loaded: LoadedModel, eager: Engine, studies: list, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compile error on some card must not stop drafting: one warning, then the eager path for good."""
+    eng = Engine(loaded, static_cache=True, compile_decode=False, batch_wait_ms=1.0)
+    calls: list[int] = []
+
+    def broken(*args: Any) -> Any:
+        calls.append(1)
+        raise RuntimeError("inductor: compilation failed")
+
+    monkeypatch.setattr(eng, "_static_cache", broken)
+    try:
+        with caplog.at_level("WARNING", logger="preread.worker.inference.engine"):
+            first = eng.draft_many(studies[:2], FREE)
+            second = eng.draft(*studies[2], FREE)
+    finally:
+        eng.close()
+    assert [r.raw_output for r in [*first, second]] == [r.raw_output for r in eager.draft_many(studies, FREE)]
+    assert calls == [1] and not eng.static_cache
+    warnings = [r for r in caplog.records if "static-cache decoding failed" in r.getMessage()]
+    assert len(warnings) == 1 and "compilation failed" in warnings[0].getMessage()

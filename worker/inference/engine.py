@@ -514,6 +514,38 @@ class Engine:
             self._static_caches.popitem(last=False)
         return cache
 
+    def _generate(self, inputs: dict[str, torch.Tensor], options: GenerationOptions, constrained: bool) -> torch.Tensor:
+        """``model.generate`` on one batch: static cache when enabled, else (and after it failed once) dynamic."""
+        if self.static_cache:
+            try:
+                return self._generate_once(inputs, options, constrained, static=True)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the caller's smaller-budget retry handles memory
+            except Exception as exc:  # noqa: BLE001 - e.g. torch.compile failing on this card or version
+                log.warning(
+                    "static-cache decoding failed (%s: %s); this worker drafts with the dynamic cache from now on",
+                    type(exc).__name__, str(exc)[:300],
+                )  # fmt: skip
+                self.static_cache = False
+                self.compile_decode = False
+                self._static_caches.clear()
+        return self._generate_once(inputs, options, constrained, static=False)
+
+    def _generate_once(
+        self, inputs: dict[str, torch.Tensor], options: GenerationOptions, constrained: bool, static: bool
+    ) -> torch.Tensor:
+        processors = [logits_processor(self.grammar)] if constrained else []  # fresh matchers per call
+        config = self._generation_config(options, constrained)
+        cache: dict[str, Any] = {}
+        if static:
+            cache["cache"] = self._static_cache(config, int(inputs["input_ids"].shape[0]), int(inputs["input_ids"].shape[1]))
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        output: torch.Tensor = self.model.generate(
+            **inputs, generation_config=config, logits_processor=processors, **cache
+        )
+        return output
+
     @torch.inference_mode()
     def _run_drafts(self, jobs: list[_DraftJob]) -> list[_DraftOutput]:
         started = time.perf_counter()
@@ -524,15 +556,8 @@ class Engine:
             # Each batch size is a compiled graph of its own: fill up to a power of two with copies of the last row.
             rows += [rows[-1]] * (bucket_rows(len(rows), self.batch_size) - len(rows))
         inputs = self._collate(rows)
-        processors = [logits_processor(self.grammar)] if constrained else []
-        config = self._generation_config(options, constrained)
-        cache: dict[str, Any] = {}
-        if self.static_cache:
-            cache["cache"] = self._static_cache(config, len(rows), int(inputs["input_ids"].shape[1]))
-        if options.seed is not None:
-            torch.manual_seed(options.seed)
         prefilled = time.perf_counter()
-        output = self.model.generate(**inputs, generation_config=config, logits_processor=processors, **cache)
+        output = self._generate(inputs, options, constrained)
         done = time.perf_counter()
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
