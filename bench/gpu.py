@@ -7,13 +7,20 @@ Qwen's special tokens), then on the same synthetic studies (2 images each, a
 
 * the seed's way: one ``model.generate`` per study, as the model card's snippet;
 * the batcher: threads call ``Engine.draft`` and the model thread batches them;
-* probes: threads call ``Engine.probe`` (all of a study's questions in one pass);
+* with ``--static-cache``, the batcher again with a static key/value cache whose
+  decode step is compiled (on CUDA; on CPU only with ``--compile``);
+* probes: threads call ``Engine.probe``; first one full row per question
+  (images encoded once per study; the former way, the baseline), then the
+  shared prefix (images and shared prompt prefilled once per study, each
+  question a short suffix on that cache);
 
-and prints one table with studies/hour, probe questions/s and peak GPU memory.
+and prints one table with studies/hour, probe questions/s and peak GPU memory,
+with ratios against the seed's way and the full-row probes of the same run.
 Each phase stops at its time budget and reports what it completed, so the whole
 run stays within ``--time-limit`` seconds.
 
     python bench/gpu.py                      # CUDA, real 3B dimensions, 200 studies
+    python bench/gpu.py --static-cache       # also the static cache with a compiled decode step
     python bench/gpu.py --device cpu --tiny  # smoke check with the tiny test model
 """
 
@@ -226,7 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="submitting threads (default 2 x batch size)")
     parser.add_argument("--time-limit", type=float, default=420.0, help="seconds for the whole run")
     parser.add_argument("--seed-limit", type=float, default=110.0, help="seconds for the seed's-way phase")
-    parser.add_argument("--probe-limit", type=float, default=50.0, help="seconds for the probe phase")
+    parser.add_argument("--probe-limit", type=float, default=50.0, help="seconds for each probe phase")
+    parser.add_argument(
+        "--static-cache", action="store_true",
+        help="also run the batcher with a static key/value cache (decode compiled on CUDA) against the dynamic one",
+    )  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="compile the static-cache decode step on CPU too (slow)")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -247,9 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     sync(device)
     build_s = time.perf_counter() - t0
     params = sum(p.numel() for p in loaded.model.parameters()) / 1e9
-    engine = Engine(
-        loaded, batch_size=args.batch_size, probe_batch_rows=args.probe_rows, batch_wait_ms=args.wait_ms
+    common = {"batch_size": args.batch_size, "probe_batch_rows": args.probe_rows, "batch_wait_ms": args.wait_ms}
+    # The batcher without and (with --static-cache) with the static cache; probes full-row and shared-prefix.
+    dynamic = Engine(loaded, static_cache=False, shared_prefix=False, **common)
+    static = (
+        Engine(loaded, static_cache=True, compile_decode=device.type == "cuda" or args.compile, shared_prefix=True, **common)
+        if args.static_cache
+        else None
     )
+    engine = dynamic
     prompt = engine.prompts.draft_prompt(CTX, "json", think=False)
     images = [study_images(i, args.side) for i in range(n)]
     exact = GenerationOptions(constrained=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
@@ -264,6 +282,21 @@ def main(argv: list[str] | None = None) -> int:
     seed_way(loaded, prompt, images[0], 4)
     engine.draft_many([(images[0], CTX)], GenerationOptions(constrained=False, max_new_tokens=4))
     engine.probe(images[0], CTX)
+    engine.shared_prefix = True
+    engine.probe(images[0], CTX)
+    engine.shared_prefix = False
+    warm_static = 0.0
+    if static is not None:
+        # Compile the decode step and record its graphs for a full batch and a single row at the run's cache
+        # length, through the batcher's thread as in the timed phase (CUDA graph trees are per thread); the
+        # batcher's other batch sizes are rounded to powers of two and compile on first use.
+        start = time.perf_counter()
+        full = min(args.batch_size, n)
+        run_threads(full, full, float("inf"), lambda i: static.draft(images[i], CTX, exact).completion_tokens)
+        static.draft(images[0], CTX, exact)
+        sync(device)
+        warm_static = time.perf_counter() - start
+        print(f"static cache warm-up (compile: {static.compile_decode}): {warm_static:.1f}s", flush=True)
     sync(device)
 
     rows: list[Row] = []
@@ -288,43 +321,52 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(Row("seed: 1 generate per study", done, n, seed_s, seed_rate, "studies/h", peak_gib(device), f"{set(tokens)} new tokens"))
     print(f"seed's way: {done} studies in {seed_s:.1f}s", flush=True)
 
-    # 2. through the batcher: many threads, one model thread
-    reset_peak(device)
+    # 2. through the batcher: many threads, one model thread (dynamic cache; then static with --static-cache)
     threads = args.threads or 2 * args.batch_size
-    first_batch = len(engine._batcher.batch_sizes)
-    batch_deadline = time.perf_counter() + max(10.0, remaining() - args.probe_limit - 15)
-    done, batch_s, counts = run_threads(
-        n, threads, batch_deadline, lambda i: engine.draft(images[i], CTX, exact).completion_tokens
-    )
-    sync(device)
-    batch_rate = done / batch_s * 3600 if done else 0.0
-    sizes = engine._batcher.batch_sizes[first_batch:]
-    rows.append(
-        Row(
-            f"batcher: batch {args.batch_size}, {threads} threads",
-            done, n, batch_s, batch_rate, "studies/h", peak_gib(device),
-            f"{set(counts)} new tokens; batch sizes {sizes[:8]}",
-        )  # fmt: skip
-    )
-    print(f"batched: {done} studies in {batch_s:.1f}s", flush=True)
+    drafters = [("dynamic cache", dynamic)] + ([("static cache" + (", compiled" if static.compile_decode else ""), static)] if static else [])
+    batch_rates: list[float] = []
+    for k, (label, eng) in enumerate(drafters):
+        reset_peak(device)
+        first_batch = len(eng._batcher.batch_sizes)
+        share = (remaining() - 2 * args.probe_limit - 15) / (len(drafters) - k)
+        batch_deadline = time.perf_counter() + max(10.0, share)
+        done, batch_s, counts = run_threads(
+            n, threads, batch_deadline, lambda i, e=eng: e.draft(images[i], CTX, exact).completion_tokens
+        )
+        sync(device)
+        batch_rates.append(done / batch_s * 3600 if done else 0.0)
+        sizes = eng._batcher.batch_sizes[first_batch:]
+        rows.append(
+            Row(
+                f"batcher: {label}, batch {args.batch_size}",
+                done, n, batch_s, batch_rates[-1], "studies/h", peak_gib(device),
+                f"{set(counts)} new tokens; {threads} threads; batch sizes {sizes[:6]}",
+            )  # fmt: skip
+        )
+        print(f"batched ({label}): {done} studies in {batch_s:.1f}s", flush=True)
 
-    # 3. probes: each study's questions in one pass, several studies per forward
-    reset_peak(device)
+    # 3. probes: full rows per question (the former way, baseline) and the shared prefix
     questions = len(engine.prompts.probe_questions(CTX))
-    probe_deadline = time.perf_counter() + max(5.0, min(args.probe_limit, remaining() - 5))
     probe_threads = max(2, 2 * args.probe_rows // max(1, questions))
-    done_p, probe_s, _ = run_threads(
-        n, probe_threads, probe_deadline, lambda i: len(engine.probe(images[i], CTX))
-    )
-    sync(device)
-    rows.append(
-        Row(
-            f"probes: {questions} q/study, {args.probe_rows} rows/pass",
-            done_p, n, probe_s, done_p * questions / probe_s if done_p else 0.0, "questions/s", peak_gib(device),
-            f"{done_p / probe_s * 3600 if done_p else 0:.0f} studies/h",
-        )  # fmt: skip
-    )
-    engine.close()
+    probe_rates: list[float] = []
+    for k, (label, shared) in enumerate([("1 full row per question", False), ("shared prefix", True)]):
+        reset_peak(device)
+        engine.shared_prefix = shared
+        probe_deadline = time.perf_counter() + max(5.0, min(args.probe_limit, (remaining() - 5) / (2 - k)))
+        done_p, probe_s, _ = run_threads(n, probe_threads, probe_deadline, lambda i: len(engine.probe(images[i], CTX)))
+        sync(device)
+        probe_rates.append(done_p * questions / probe_s if done_p else 0.0)
+        rows.append(
+            Row(
+                f"probes: {label}",
+                done_p, n, probe_s, probe_rates[-1], "questions/s", peak_gib(device),
+                f"{questions} q/study, {args.probe_rows} rows/pass; {done_p / probe_s * 3600 if done_p else 0:.0f} studies/h",
+            )  # fmt: skip
+        )
+        print(f"probes ({label}): {done_p} studies in {probe_s:.1f}s", flush=True)
+    for eng in (dynamic, static):
+        if eng is not None:
+            eng.close()
 
     header = f"{'phase':42} {'studies':>9} {'wall s':>8} {'rate':>12} {'unit':12} {'peak GiB':>9}  note"
     print()
@@ -333,8 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         peak = f"{r.peak_gib:9.2f}" if r.peak_gib is not None else f"{'-':>9}"
         print(f"{r.name:42} {r.done:>4}/{r.total:<4} {r.seconds:8.1f} {r.rate:12.1f} {r.unit:12} {peak}  {r.note}")
-    speedup = batch_rate / seed_rate if seed_rate else float("nan")
-    print(f"\nbatched / seed's way: {speedup:.1f}x  (goal >= 10x); total {time.perf_counter() - t0:.0f}s")
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.1f}x" if b else "n/a"
+
+    print()
+    print(f"batched (dynamic cache) / seed's way: {ratio(batch_rates[0], seed_rate)}")
+    if static is not None:
+        print(
+            f"batched (static cache) / seed's way: {ratio(batch_rates[1], seed_rate)}  (goal >= 25x); "
+            f"static / dynamic cache: {ratio(batch_rates[1], batch_rates[0])}; warm-up {warm_static:.0f}s not timed"
+        )
+    print(f"probes shared prefix / full rows: {ratio(probe_rates[1], probe_rates[0])}  (goal >= 8x)")
+    print(f"total {time.perf_counter() - t0:.0f}s")
     return 0
 
 

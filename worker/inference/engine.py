@@ -9,8 +9,21 @@ batcher's model thread, which runs left-padded batches:
 * drafts: ``model.generate`` with xgrammar's HF logits processor (one
   matcher per row) so that the JSON always validates; free-text mode is
   unconstrained and parsed afterwards;
-* probes: one forward pass over all yes/no questions of the batch's studies;
-  each score is ``P(yes) / (P(yes) + P(no))`` from the last position's logits.
+* probes: each study's images and the part of the prompt its questions share
+  are encoded once (one left-padded prefill for the batch's studies, keeping
+  the key/value cache); every question then runs as a short suffix that
+  continues that cache, all questions of the batch in one forward pass. The
+  score is ``P(yes) / (P(yes) + P(no))`` from the suffix's last logits. The
+  former way, one full row per question (images encoded once, but every row
+  attends over the whole prompt), stays as ``shared_prefix=False``: the
+  benchmark's baseline.
+
+With ``static_cache`` (default: on CUDA) drafts decode into a static
+key/value cache whose decode step transformers compiles with ``torch.compile``
+(CUDA graphs, ``reduce-overhead``); batch sizes are rounded up to powers of
+two and cache lengths to :data:`CACHE_LENGTH_STEP`, and the caches are kept
+and reset between batches, so that few graphs exist and they are replayed on
+the same cache tensors.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import copy
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +66,11 @@ YES_WORDS = ("yes", "Yes")
 NO_WORDS = ("no", "No")
 #: Assistant prefix that closes an empty think block, so a reasoning model answers at once in a probe.
 EMPTY_THINK = "<think>\n\n</think>\n\n"
+#: Static key/value caches are sized in steps of this many tokens, so that one compiled decode graph
+#: serves prompts of many lengths (transformers keeps the largest size seen and reuses it).
+CACHE_LENGTH_STEP = 1024
+#: Most static caches kept at once (batch sizes are few when the decode step is compiled: powers of two).
+MAX_STATIC_CACHES = 8
 #: Per-token tensors of the processor's output, left padded when rows are batched.
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
@@ -112,14 +131,20 @@ class _DraftJob:
 
 @dataclass
 class _ProbeJob:
-    """One study's probes: one row per question; the study's images are encoded once."""
+    """One study's probes: each question's full token row; the study's images are encoded once."""
 
     questions: list[tuple[str, str]]
-    sequences: dict[str, torch.Tensor]  # input_ids, attention_mask, mm_token_type_ids: one row per question
+    rows: list[list[int]]  # one token row per question (image placeholders expanded), unpadded
+    prefix_len: int  # leading tokens every row shares (all image tokens among them)
     pixel_values: torch.Tensor  # the study's images, once
     image_grid_thw: torch.Tensor  # one row per image of the study
     submitted: float
     prepare_s: float
+
+    @property
+    def width(self) -> int:
+        """The longest row's length in tokens (the batcher's length bucket)."""
+        return max(len(r) for r in self.rows)
 
 
 @dataclass
@@ -150,6 +175,42 @@ def _first_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
     return ids
 
 
+def shared_prefix_len(rows: Sequence[Sequence[int]], image_token_id: int) -> int:
+    """Tokens at the start of every row that all rows share, leaving each row at least one token of its own.
+
+    Every image token must lie in that prefix: the suffix pass carries no images.
+    """
+    shortest = min(len(r) for r in rows)
+    first = rows[0]
+    n = 0
+    while n < shortest - 1 and all(r[n] == first[n] for r in rows):
+        n += 1
+    for row in rows:
+        if image_token_id in row[n:]:
+            raise ValueError("the probe questions do not share the study's images as a common prefix")
+    return n
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)`` of token rows."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def bucket_rows(rows: int, most: int) -> int:
+    """The power of two at or above ``rows``, at most ``most`` (never below ``rows``): few compiled batch shapes."""
+    bucket = 1
+    while bucket < rows:
+        bucket *= 2
+    return max(rows, min(bucket, most))
+
+
 def _think_default(model_id: str) -> bool:
     """InfiMed-RL reasons in a ``<think>`` block before answering; the SFT model does not."""
     return "-rl" in model_id.lower() or "_rl" in model_id.lower()
@@ -170,6 +231,9 @@ class Engine:
         batch_size: int = 8,
         probe_batch_rows: int = 32,
         batch_wait_ms: float = 5.0,
+        shared_prefix: bool = True,
+        static_cache: bool | None = None,
+        compile_decode: bool | None = None,
     ) -> None:
         if mode not in ("json", "text"):
             raise ValueError(f"draft mode must be 'json' or 'text', not {mode!r}")
@@ -200,6 +264,18 @@ class Engine:
         self._model_lock = threading.RLock()
         self.batch_size = batch_size
         self.probe_batch_rows = probe_batch_rows
+        #: Probes continue one cached prefill of the study's images and shared prompt (else: full rows).
+        self.shared_prefix = shared_prefix
+        on_cuda = loaded.device.type == "cuda"
+        #: Drafts decode into a static key/value cache (default: on CUDA).
+        self.static_cache = on_cuda if static_cache is None else static_cache
+        #: With the static cache, the decode step is compiled (default: on CUDA; on CPU only when asked).
+        self.compile_decode = self.static_cache and (on_cuda if compile_decode is None else compile_decode)
+        self._compile_config = self._make_compile_config(on_cuda) if self.compile_decode else None
+        # Static caches kept across batches (one per batch size, all of one length), so that the compiled
+        # decode step and its CUDA graphs see the same cache tensors every time; reset before each use.
+        self._static_caches: OrderedDict[int, Any] = OrderedDict()
+        self._static_cache_len = 0
         # One model thread for both kinds: drafts batch up to batch_size studies, probes up to
         # probe_batch_rows questions; the two kinds never share a batch.
         self._batcher = DynamicBatcher(
@@ -225,6 +301,17 @@ class Engine:
             probe_batch_rows=settings.probe_batch_rows,
             batch_wait_ms=settings.batch_wait_ms,
         )
+
+    @staticmethod
+    def _make_compile_config(on_cuda: bool) -> Any:
+        """How transformers compiles the decode step: CUDA graphs on CUDA; plain inductor elsewhere."""
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=False, mode="reduce-overhead" if on_cuda else "default")
+        if not on_cuda:
+            # transformers compiles on CUDA-like devices only unless told
+            config._compile_all_devices = True  # type: ignore[assignment]
+        return config
 
     @property
     def grammar(self) -> CompiledDraftGrammar:
@@ -263,13 +350,11 @@ class Engine:
         job = self._prepare_probe(images, ctx)
         if not job.questions:
             return []
-        future = self._batcher.submit(
-            "probe", job, length=int(job.sequences["input_ids"].shape[1]), rows=len(job.questions)
-        )
+        future = self._batcher.submit("probe", job, length=job.width, rows=len(job.questions))
         return future.result()
 
     def probe_many(self, studies: Sequence[tuple[list[Path], StudyContext]]) -> list[list[ProbeResult]]:
-        """Probe several studies in one forward pass on the calling thread (no batcher)."""
+        """Probe several studies as one batch on the calling thread (no batcher)."""
         jobs = [self._prepare_probe(images, ctx) for images, ctx in studies]
         with self._model_lock:
             return self._run_probes(jobs)
@@ -328,13 +413,11 @@ class Engine:
             if len(pieces) != len(counts) + 1:
                 raise ValueError("image placeholders do not match the images")
             expanded.append("".join(p + (pad * counts[i] if i < len(counts) else "") for i, p in enumerate(pieces)))
-        sequences = self.tokenizer(expanded, padding=True, return_tensors="pt")
-        ids = sequences["input_ids"]
-        token_types = torch.zeros_like(ids)
-        token_types[ids == self.processor.image_token_id] = 1
+        rows = [list(map(int, r)) for r in self.tokenizer(expanded)["input_ids"]] if expanded else []
         return _ProbeJob(
             questions=questions,
-            sequences={"input_ids": ids, "attention_mask": sequences["attention_mask"], "mm_token_type_ids": token_types},
+            rows=rows,
+            prefix_len=shared_prefix_len(rows, int(self.processor.image_token_id)) if rows else 0,
             pixel_values=pixels["pixel_values"],
             image_grid_thw=pixels["image_grid_thw"],
             submitted=time.perf_counter(),
@@ -403,18 +486,77 @@ class Engine:
         config.pad_token_id = self.pad_token_id
         return config
 
+    def _static_cache(self, config: Any, rows: int, prompt_tokens: int) -> Any:
+        """The kept static cache for this batch size, reset; all kept caches grow together in steps.
+
+        Sets ``config`` to compile the decode step (or not). The length is the longest needed so far
+        rounded up to :data:`CACHE_LENGTH_STEP`, so one compiled length serves most batches.
+        """
+        from transformers import cache_utils
+
+        if self._compile_config is not None:
+            config.compile_config = self._compile_config
+        else:
+            config.disable_compile = True
+        needed = prompt_tokens + int(config.max_new_tokens)
+        if needed > self._static_cache_len:
+            self._static_caches.clear()  # free the shorter ones before allocating
+            self._static_cache_len = -(-needed // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+        cache = self._static_caches.pop(rows, None)
+        if cache is None:
+            text_config = self.model.config.get_text_config(decoder=True)
+            cache = cache_utils.StaticCache(config=text_config, max_cache_len=self._static_cache_len)
+        else:
+            cache.reset()
+        self._static_caches[rows] = cache  # most recently used last
+        while len(self._static_caches) > MAX_STATIC_CACHES:
+            self._static_caches.popitem(last=False)
+        return cache
+
+    def _generate(self, inputs: dict[str, torch.Tensor], options: GenerationOptions, constrained: bool) -> torch.Tensor:
+        """``model.generate`` on one batch: static cache when enabled, else (and after it failed once) dynamic."""
+        if self.static_cache:
+            try:
+                return self._generate_once(inputs, options, constrained, static=True)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the caller's smaller-budget retry handles memory
+            except Exception as exc:  # noqa: BLE001 - e.g. torch.compile failing on this card or version
+                log.warning(
+                    "static-cache decoding failed (%s: %s); this worker drafts with the dynamic cache from now on",
+                    type(exc).__name__, str(exc)[:300],
+                )  # fmt: skip
+                self.static_cache = False
+                self.compile_decode = False
+                self._static_caches.clear()
+        return self._generate_once(inputs, options, constrained, static=False)
+
+    def _generate_once(
+        self, inputs: dict[str, torch.Tensor], options: GenerationOptions, constrained: bool, static: bool
+    ) -> torch.Tensor:
+        processors = [logits_processor(self.grammar)] if constrained else []  # fresh matchers per call
+        config = self._generation_config(options, constrained)
+        cache: dict[str, Any] = {}
+        if static:
+            cache["cache"] = self._static_cache(config, int(inputs["input_ids"].shape[0]), int(inputs["input_ids"].shape[1]))
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        output: torch.Tensor = self.model.generate(
+            **inputs, generation_config=config, logits_processor=processors, **cache
+        )
+        return output
+
     @torch.inference_mode()
     def _run_drafts(self, jobs: list[_DraftJob]) -> list[_DraftOutput]:
         started = time.perf_counter()
         options = jobs[0].options
         constrained = options.constrained if options.constrained is not None else self.mode == "json"
-        inputs = self._collate([j.inputs for j in jobs])
-        processors = [logits_processor(self.grammar)] if constrained else []
-        config = self._generation_config(options, constrained)
-        if options.seed is not None:
-            torch.manual_seed(options.seed)
+        rows = [j.inputs for j in jobs]
+        if self.compile_decode:
+            # Each batch size is a compiled graph of its own: fill up to a power of two with copies of the last row.
+            rows += [rows[-1]] * (bucket_rows(len(rows), self.batch_size) - len(rows))
+        inputs = self._collate(rows)
         prefilled = time.perf_counter()
-        output = self.model.generate(**inputs, generation_config=config, logits_processor=processors)
+        output = self._generate(inputs, options, constrained)
         done = time.perf_counter()
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -430,46 +572,25 @@ class Engine:
                 "preprocess_s": prefilled - started,
                 "generate_s": done - prefilled,
                 "batch_size": float(len(jobs)),
+                "batch_rows": float(len(rows)),
             }
             results.append(_DraftOutput(texts[i], int(prompt_tokens[i]), completion, timings))
         return results
 
     @torch.inference_mode()
     def _run_probes(self, jobs: list[_ProbeJob]) -> list[list[ProbeResult]]:
-        """One forward pass over every question of the batch; each study's images are encoded once."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        device = self.loaded.device
-        vision = self.model.get_image_features(
-            torch.cat([j.pixel_values for j in jobs]).to(device),
-            torch.cat([j.image_grid_thw for j in jobs]).to(device),
-            return_dict=True,
-        )
-        per_image = list(vision.pooler_output)
-        rows_features: list[torch.Tensor] = []
-        grids: list[torch.Tensor] = []
-        first = 0
-        for job in jobs:
-            n = int(job.image_grid_thw.shape[0])
-            study = per_image[first : first + n]
-            first += n
-            for _ in job.questions:
-                rows_features.extend(study)
-                grids.append(job.image_grid_thw)
-        batch = self._collate([j.sequences for j in jobs])
-        logits = self.model(
-            **batch,
-            image_grid_thw=torch.cat(grids).to(device),
-            mm_encoder_outputs={
-                # Qwen2.5-VL takes the per-image features as a tuple here; transformers types the field as one Tensor
-                "image": BaseModelOutputWithPooling(pooler_output=tuple(rows_features))  # type: ignore[arg-type]
-            },
-            logits_to_keep=1,
-            use_cache=False,
-        ).logits[:, -1, :].float()
-        yes = torch.logsumexp(logits[:, self.yes_ids], dim=-1)
-        no = torch.logsumexp(logits[:, self.no_ids], dim=-1)
-        scores = torch.sigmoid(yes - no).tolist()  # = P(yes) / (P(yes) + P(no))
+        """Score every question of the batch's studies; each study's images are encoded once."""
+        asked = [job for job in jobs if job.rows]  # a profile may have no questions
+        scores: list[float] = []
+        if asked:
+            features = self._study_image_features(asked)
+            if self.shared_prefix:
+                logits = self._probe_logits_shared_prefix(asked, features)
+            else:
+                logits = self._probe_logits_full_rows(asked, features)
+            yes = torch.logsumexp(logits[:, self.yes_ids], dim=-1)
+            no = torch.logsumexp(logits[:, self.no_ids], dim=-1)
+            scores = torch.sigmoid(yes - no).tolist()  # = P(yes) / (P(yes) + P(no))
         results: list[list[ProbeResult]] = []
         row = 0
         for job in jobs:
@@ -479,6 +600,100 @@ class Engine:
                 row += 1
             results.append(study_results)
         return results
+
+    def _study_image_features(self, jobs: list[_ProbeJob]) -> list[list[torch.Tensor]]:
+        """The vision encoder over every image of the batch at once: per study, one tensor per image."""
+        device = self.loaded.device
+        vision = self.model.get_image_features(
+            torch.cat([j.pixel_values for j in jobs]).to(device),
+            torch.cat([j.image_grid_thw for j in jobs]).to(device),
+            return_dict=True,
+        )
+        per_image = list(vision.pooler_output)
+        studies: list[list[torch.Tensor]] = []
+        first = 0
+        for job in jobs:
+            n = int(job.image_grid_thw.shape[0])
+            studies.append(per_image[first : first + n])
+            first += n
+        return studies
+
+    def _image_inputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}  # type: ignore[arg-type]
+
+    def _probe_logits_full_rows(self, jobs: list[_ProbeJob], features: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The baseline: one forward pass over one full row (images and whole prompt) per question."""
+        device = self.loaded.device
+        rows = [row for job in jobs for row in job.rows]
+        ids, mask = _left_pad(rows, self.pad_token_id)
+        row_features: list[torch.Tensor] = []
+        grids: list[torch.Tensor] = []
+        for job, study in zip(jobs, features, strict=True):
+            for _ in job.questions:
+                row_features.extend(study)
+                grids.append(job.image_grid_thw)
+        return self.model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            mm_token_type_ids=(ids == self.processor.image_token_id).long().to(device),
+            image_grid_thw=torch.cat(grids).to(device),
+            mm_encoder_outputs=self._image_inputs(row_features),
+            logits_to_keep=1,
+            use_cache=False,
+        ).logits[:, -1, :].float()
+
+    def _probe_logits_shared_prefix(self, jobs: list[_ProbeJob], features: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Prefill each study's shared prefix once, then every question's suffix against that cache.
+
+        The prefill is one left-padded batch with Qwen2.5-VL's 3D (M-RoPE) positions from
+        ``get_rope_index``; a suffix continues its study's text positions from the prefix's
+        largest position + 1 (what ``rope_deltas`` encodes), left-padded too so that every row's
+        last token is the question's last, and its attention mask is the study's prefix mask
+        followed by its own. The cache rows are selected per question (one copy per row).
+        """
+        device = self.loaded.device
+        image_token = int(self.processor.image_token_id)
+        prefix_ids, prefix_mask = _left_pad([job.rows[0][: job.prefix_len] for job in jobs], self.pad_token_id)
+        prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+        grid = torch.cat([j.image_grid_thw for j in jobs]).to(device)
+        positions, _ = self.model.model.get_rope_index(
+            prefix_ids,
+            mm_token_type_ids=(prefix_ids == image_token).long(),
+            image_grid_thw=grid,
+            attention_mask=prefix_mask,
+        )
+        prefill = self.model(
+            input_ids=prefix_ids,
+            attention_mask=prefix_mask,
+            position_ids=positions,
+            mm_encoder_outputs=self._image_inputs([f for study in features for f in study]),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = prefill.cache
+        next_position = positions.amax(dim=(0, 2)) + 1  # per study; padding positions are 0
+
+        study_of_row = [s for s, job in enumerate(jobs) for _ in job.rows]
+        suffixes = [row[job.prefix_len :] for job in jobs for row in job.rows]
+        ids, mask = _left_pad(suffixes, self.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        index = torch.tensor(study_of_row, device=device)
+        width = ids.shape[1]
+        lengths = mask.sum(dim=1)
+        # Real tokens get next_position, next_position + 1, ...; padding (masked) gets smaller ones.
+        offsets = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]
+        suffix_positions = (next_position[index][:, None] + offsets).clamp(min=0)
+        cache.batch_select_indices(index)
+        return self.model(
+            input_ids=ids,
+            attention_mask=torch.cat([prefix_mask[index], mask], dim=1),
+            position_ids=suffix_positions[None].expand(3, -1, -1),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1, :].float()
 
 
 _engines: dict[tuple[Any, ...], Engine] = {}
