@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: One visual token covers a 28x28 pixel patch (14 px patches merged 2x2).
 PIXELS_PER_TOKEN = 28 * 28
@@ -49,6 +50,16 @@ class Settings(BaseSettings):
     allowed_aes: str | None = Field(
         None, description="Comma-separated calling AE titles, each optionally 'AE@address'; empty allows all."
     )
+    called_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Called AE titles accepted, comma-separated; empty accepts ae_title only, '*' accepts any.",
+    )
+    association_request_timeout: float = Field(
+        5.0, gt=0, description="Seconds from accepting a connection (TLS handshake included) to its A-ASSOCIATE-RQ.",
+    )
+    max_connections_per_address: int = Field(
+        32, ge=1, description="Connections one peer address may hold at once (modalities behind one NAT share it).",
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -83,6 +94,21 @@ class Settings(BaseSettings):
         value = value.strip()
         if not value or len(value) > 16:
             raise ValueError("AE title must be 1 to 16 characters")
+        return value
+
+    @field_validator("called_aes", mode="before")
+    @classmethod
+    def _split_called_aes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("called_aes")
+    @classmethod
+    def _called_aes_valid(cls, value: list[str]) -> list[str]:
+        for title in value:
+            if title != "*" and len(title) > 16:
+                raise ValueError(f"called AE title {title!r} is longer than 16 characters")
         return value
 
     @property

@@ -63,7 +63,7 @@ def test_unknown_calling_ae_rejected_at_association(listener_factory, tmp_path: 
     bad = storescu(lp.port, files, calling="BADSCU")
     assert bad.returncode != 0
     assert lp.query("select count(*) from instances")[0][0] == 2
-    assert "association rejected: calling AE 'BADSCU'" in lp.log()
+    assert "rejected: calling AE not allowed (calling AE BADSCU," in lp.log()
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -22,13 +22,13 @@ from preread.ingest.assembly.catalog import (
     record_instance,
 )
 from preread.ingest.assembly.index import InstanceIndex
-from preread.ingest.listener.ae import (
+from preread.ingest.listener.structure import (
     Malformed,
-    _raw_identity,
     check_structure,
-    file_meta_bytes,
     header_dataset,
+    raw_identity,
 )
+from preread.ingest.storage.part10 import file_meta_bytes
 from preread.ingest.assembly.stability import StabilityMonitor, mark_stable
 from preread.schemas.database import engine_for, session_scope
 from preread.schemas.tables import Instance, Outbox, Series, Study, StudyState, utcnow
@@ -316,7 +316,7 @@ def test_file_meta_bytes_is_what_pynetdicom_encodes(sop_class: str, sop_instance
 def test_raw_identity_agrees_with_identity_of(name: str) -> None:
     data, stream, ts = _encoded(name)
     found = check_structure(stream, ts)
-    raw = _raw_identity(found)
+    raw = raw_identity(found)
     try:
         slow = identity_of(header_dataset(data, found, ts))
     except InvalidIdentity:
@@ -329,13 +329,15 @@ def test_raw_identity_leaves_odd_values_to_identity_of() -> None:
     from pydicom.tag import Tag
 
     def found(study: bytes) -> dict:  # type: ignore[type-arg]
-        values = {"StudyInstanceUID": study, "SeriesInstanceUID": b"1.2.3\x00", "SOPInstanceUID": b"1.2.4 ",
+        values = {"StudyInstanceUID": study, "SeriesInstanceUID": b"1.2.3\x00", "SOPInstanceUID": b"1.2.4",
                   "SOPClassUID": b"1.2.840.10008.5.1.4.1.1.2\x00"}
         return {int(Tag(k)): RawDataElement(Tag(k), "UI", len(v), v, 0, False, True) for k, v in values.items()}
 
-    assert _raw_identity(found(b"1.2")) == InstanceIdentity("1.2", "1.2.3", "1.2.4", "1.2.840.10008.5.1.4.1.1.2")
-    for bad in (b"1.2\\1.3", b"../x", b"", b"1.2 \x00", "1.\u00e9".encode()):
-        assert _raw_identity(found(bad)) is None
+    assert raw_identity(found(b"1.2")) == InstanceIdentity("1.2", "1.2.3", "1.2.4", "1.2.840.10008.5.1.4.1.1.2")
+    # one trailing NUL is padding; a space, CR or LF anywhere, an inner NUL or two NULs are not
+    for bad in (b"1.2\\1.3", b"../x", b"", b"1.2 \x00", "1.\u00e9".encode(), b"1.2 ", b"1.2\n", b"1.2\r",
+                b"1.2\n\x00", b"1.\x002", b"1.2\x00\x00"):
+        assert raw_identity(found(bad)) is None
 
 
 def test_write_atomic_without_sync_never_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
