@@ -5,7 +5,7 @@ new UIDs) are sent over one association, then over 4 associations at once, to
 
 (a) a bare pynetdicom SCP that discards what it receives (the ceiling for a
     pynetdicom receiver on this machine),
-(a') the same SCP on the listener's lean pynetdicom plumbing (``ingest.dimse``:
+(a') the same SCP on the listener's pynetdicom plumbing (``ingest/listener/transport.py``: the gate,
     recv_into, C-STORE-RSP encoded directly, no per-PDU debug handlers), so
     that the cost of keeping instances shows apart from the plumbing's gain,
 (b) ``preread listen`` (and ``preread listen --workers 2`` for 4 associations),
@@ -131,9 +131,10 @@ def discard(event):
     return 0x0000
 kwargs = {{}}
 if {lean!r}:
-    from preread.ingest.listener import transport as dimse
+    from preread.ingest.listener import gate, transport as dimse
     dimse.quiet_pynetdicom()
-    kwargs["request_handler"] = dimse.ListenerRequestHandler
+    kwargs.update(request_handler=dimse.ListenerRequestHandler, server_class=dimse.ListenerServer,
+                  door=gate.Door(1000, dimse.MAX_WAITING, MAX_ASSOCIATIONS))
 ae.make_server(("127.0.0.1", {port}), evt_handlers=[(evt.EVT_C_STORE, discard)], **kwargs).serve_forever()
 """
 
