@@ -342,3 +342,60 @@ def test_empty_affected_sop_instance_uid_gets_a_failure_status(listener_factory)
     finally:
         assoc.release()
     assert lp.stored_files() == []
+
+
+#: A listener whose disk "fills up" when a flag file appears (the free-space check reads the flag).
+_FILLING_LISTENER = """
+import sys
+from pathlib import Path
+from preread.ingest.listener.ae import Listener
+from preread.ingest.storage import files
+from preread.schemas.settings import Settings
+
+tmp = Path(sys.argv[1])
+real = files.has_free_space
+files.has_free_space = lambda *args, **kwargs: not (tmp / "full").exists() and real(*args, **kwargs)
+settings = Settings(data_dir=tmp / "data", host="127.0.0.1", port=0, min_free_bytes=16 * 2**20,
+                    database_url=f"sqlite:///{tmp / 'preread.db'}")
+listener = Listener(settings, monitor=False)
+listener.start()
+print(listener.address[1], flush=True)
+sys.stdin.read()
+listener.stop()
+"""
+
+
+def test_disk_filling_up_during_an_association_refuses_at_the_first_fragment(tmp_path: Path, raw_send) -> None:  # type: ignore[no-untyped-def]
+    """An association opened while there was room, then the disk fills: the next instance gets 0xA700 and
+    its data set is dropped as it arrives, never gathered in the listener's memory."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _FILLING_LISTENER, str(tmp_path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        ds = Dataset()
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        ds.PatientID, ds.Modality = "FULL", "CT"
+        path = _write_part10(tmp_path / "big.dcm", ds)
+        size = 300 * MiB
+        with path.open("r+b") as fp:  # 300 MiB of Pixel Data (a sparse file)
+            fp.seek(0, 2)
+            fp.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, size))
+            fp.truncate(fp.tell() + size)
+        assoc = _ae().associate("127.0.0.1", port, ae_title="PREREAD")
+        assert assoc.is_established
+        try:
+            (tmp_path / "full").touch()  # the disk is now below the watermark
+            reset_rss_peak(proc.pid)
+            before = rss_now(proc.pid)
+            assert assoc.send_c_store(path).Status == 0xA700
+            growth = rss_peak_since_reset(proc.pid) - before
+        finally:
+            assoc.release()
+    finally:
+        proc.communicate("", timeout=60)
+    assert growth < 100 * MiB, f"RSS grew by {growth / MiB:.0f} MiB while refusing a {size / MiB:.0f} MiB instance"
+    assert not list((tmp_path / "data" / "studies").rglob("*.dcm"))
