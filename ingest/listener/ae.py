@@ -81,7 +81,8 @@ def build_ae(ae_title: str) -> AE:
     ae.maximum_pdu_size = MAX_PDU_SIZE
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     return ae
 
 

@@ -19,9 +19,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from preread.ingest.assembly.catalog import InvalidIdentity, identity_of, uid_value
@@ -56,7 +57,7 @@ def handle_store(event: Event, ctx: IngestContext) -> StoreStatus:
     """``evt.EVT_C_STORE``: keep the instance durably, then answer; refuse what cannot be kept."""
     started = time.perf_counter()
     calling_ae = (event.assoc.requestor.ae_title or "").strip()
-    request = event.request
+    request = cast(C_STORE, event.request)
     transfer_syntax = str(event.context.transfer_syntax)
     sop_class = str(request.AffectedSOPClassUID or "")
     taken = transport.take_spool(event.assoc, request.MessageID)
@@ -109,7 +110,7 @@ def open_spool(ctx: IngestContext) -> transport.SpoolOpener:
 def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, calling_ae: str, transfer_syntax: str,
            sop_class: str, spool: storage.Spool | None = None) -> StoreStatus:
     """:func:`handle_store` on ``view``, the data set as received (and perhaps already in ``spool``)."""
-    request = event.request
+    request = cast(C_STORE, event.request)
     size = view.nbytes
     if not storage.has_free_space(ctx.storage_dir, ctx.min_free_bytes, size):
         LOGGER.error("C-STORE refused %s: free space below watermark (calling AE %s, SOP class %s, %d bytes)",

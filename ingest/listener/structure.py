@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 import zlib
 from io import RawIOBase
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -145,7 +145,7 @@ def header_dataset(chunks: bytes | tuple[bytes | memoryview, ...], found: dict[i
     """
     if transfer_syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
         return read_header((chunks,) if isinstance(chunks, bytes) else chunks)
-    return Dataset(found)
+    return Dataset(cast(Any, found))  # int keys: pydicom makes them tags
 
 
 def raw_identity(found: dict[int, RawDataElement]) -> InstanceIdentity | None:

@@ -242,7 +242,8 @@ class ListenerDIMSE(DIMSEServiceProvider):
             return None
         command = message.command_set
         if self._syntaxes is None:
-            self._syntaxes = {cx.context_id: str(cx.transfer_syntax[0]) for cx in self.assoc.accepted_contexts}
+            self._syntaxes = {cx.context_id: str(cx.transfer_syntax[0]) for cx in self.assoc.accepted_contexts
+                              if cx.context_id is not None}
         syntax = self._syntaxes.get(context_id)
         try:
             sop_class = str(command.get("AffectedSOPClassUID") or "")
@@ -299,7 +300,8 @@ class ListenerDIMSE(DIMSEServiceProvider):
         """The next message for the association; a C-STORE-RQ pynetdicom would drop unanswered
         (missing Affected SOP Instance UID) is answered with a failure status here instead."""
         context_id, msg = super().get_msg(block)
-        if isinstance(msg, C_STORE) and msg.MessageIDBeingRespondedTo is None and not msg.is_valid_request:
+        if isinstance(msg, C_STORE) and context_id is not None and msg.MessageIDBeingRespondedTo is None \
+                and not msg.is_valid_request:
             status = StoreStatus.CANNOT_UNDERSTAND_INVALID_REQUEST
             if msg.MessageID is None:
                 LOGGER.warning("association from %s aborted: C-STORE request without a Message ID",
@@ -385,6 +387,7 @@ class ListenerServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
+        assert self.socket is not None
         if self.listen_socket is not None:
             self.socket.close()
             self.socket = self.listen_socket
@@ -400,6 +403,7 @@ class ListenerServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept a connection; nothing else happens on the accept thread."""
+        assert self.socket is not None
         held = self.door.connections
         if self.listen_socket is not None and held:
             time.sleep(min(held, 8) * ACCEPT_DEFER)
