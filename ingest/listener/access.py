@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preread.ingest.listener import gate
-from preread.ingest.storage.files import has_free_space
+from preread.ingest.storage.space import has_free_space
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ from preread.ingest.assembly.stability import StabilityMonitor
 from preread.ingest.listener import access, gate, handlers, transport
 from preread.ingest.listener.handlers import IngestContext
 from preread.ingest.listener.tls import server_context
-from preread.ingest.storage import files as storage
+from preread.ingest.storage import files
 from preread.schemas.database import engine_for
 from preread.schemas.settings import Settings
 
@@ -149,7 +149,7 @@ class Listener:
         """Bind the port, serve associations in a background thread, start the monitor."""
         self.ctx.storage_dir.mkdir(parents=True, exist_ok=True)
         if self.ctx.file_pool is None:
-            self.ctx.file_pool = storage.FilePool(self.ctx.storage_dir)
+            self.ctx.file_pool = files.FilePool(self.ctx.storage_dir)
         transport.quiet_pynetdicom()
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
@@ -176,7 +176,7 @@ class Listener:
     def _sweep(self) -> None:
         """Remove temporary files a killed process left behind (in the background: a big store takes a while)."""
         try:
-            removed = storage.sweep_temporary(self.ctx.storage_dir) + storage.sweep_temporary(self.ctx.quarantine_dir)
+            removed = files.sweep_temporary(self.ctx.storage_dir) + files.sweep_temporary(self.ctx.quarantine_dir)
         except OSError as exc:
             LOGGER.warning("temporary file sweep failed: %s", exc.strerror)
             return

@@ -30,7 +30,8 @@ from preread.ingest.assembly.index import InstanceIndex
 from preread.ingest.listener import transport
 from preread.ingest.listener.statuses import StoreStatus
 from preread.ingest.listener.structure import Malformed, check_structure, header_dataset, raw_identity
-from preread.ingest.storage import files as storage
+from preread.ingest.storage import files, layout, quarantine, space
+from preread.ingest.storage.spool import Spool
 from preread.ingest.storage.part10 import file_meta_bytes
 
 LOGGER = logging.getLogger("preread.ingest.listener")
@@ -50,7 +51,7 @@ class IngestContext:
     #: fsync files and folders (``Settings.sync_writes``); the index engine's commits follow the same setting.
     sync_writes: bool = True
     #: Files made ahead in the storage folder (set by :meth:`Listener.start`).
-    file_pool: storage.FilePool | None = None
+    file_pool: files.FilePool | None = None
 
 
 def handle_store(event: Event, ctx: IngestContext) -> StoreStatus:
@@ -93,12 +94,12 @@ def open_spool(ctx: IngestContext) -> transport.SpoolOpener:
     starting with the instance's Part 10 header.
     """
 
-    def opener(sop_class: str, sop_instance: str, transfer_syntax: str) -> storage.Spool | StoreStatus | None:
-        if not storage.has_free_space(ctx.storage_dir, ctx.min_free_bytes):
+    def opener(sop_class: str, sop_instance: str, transfer_syntax: str) -> Spool | StoreStatus | None:
+        if not space.has_free_space(ctx.storage_dir, ctx.min_free_bytes):
             return StoreStatus.OUT_OF_RESOURCES
-        if not storage.has_free_space(ctx.storage_dir, ctx.min_free_bytes, SPOOL_HEADROOM):
+        if not space.has_free_space(ctx.storage_dir, ctx.min_free_bytes, SPOOL_HEADROOM):
             return None
-        spool = storage.Spool.open(ctx.file_pool, sync=ctx.sync_writes)
+        spool = Spool.open(ctx.file_pool, sync=ctx.sync_writes)
         if spool is not None:
             spool.head = file_meta_bytes(sop_class, sop_instance, transfer_syntax)
             spool.write(spool.head)
@@ -108,11 +109,11 @@ def open_spool(ctx: IngestContext) -> transport.SpoolOpener:
 
 
 def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, calling_ae: str, transfer_syntax: str,
-           sop_class: str, spool: storage.Spool | None = None) -> StoreStatus:
+           sop_class: str, spool: Spool | None = None) -> StoreStatus:
     """:func:`handle_store` on ``view``, the data set as received (and perhaps already in ``spool``)."""
     request = cast(C_STORE, event.request)
     size = view.nbytes
-    if not storage.has_free_space(ctx.storage_dir, ctx.min_free_bytes, size):
+    if not space.has_free_space(ctx.storage_dir, ctx.min_free_bytes, size):
         LOGGER.error("C-STORE refused %s: free space below watermark (calling AE %s, SOP class %s, %d bytes)",
                      StoreStatus.OUT_OF_RESOURCES, calling_ae, _safe(sop_class), size)
         return StoreStatus.OUT_OF_RESOURCES
@@ -142,7 +143,7 @@ def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, c
     # the spool holds these very bytes, after this very header (else: copy them to a new file)
     usable = spool is not None and spool.head == meta
     try:
-        stored = storage.store_instance(ctx.storage_dir, ident, chunks, sync=ctx.sync_writes, pool=ctx.file_pool,
+        stored = layout.store_instance(ctx.storage_dir, ident, chunks, sync=ctx.sync_writes, pool=ctx.file_pool,
                                         spool=spool if usable else None)
     except OSError as exc:
         LOGGER.error("C-STORE refused %s: cannot write %s: %s", StoreStatus.OUT_OF_RESOURCES_NOT_STORED,
@@ -172,8 +173,8 @@ def _refuse(ctx: IngestContext, chunks: tuple[Any, ...], status: StoreStatus, re
     """Quarantine the bytes with a reason file, log without patient data, return ``status``."""
     where = "not kept"
     try:
-        if storage.has_free_space(ctx.quarantine_dir, ctx.min_free_bytes, sum(memoryview(c).nbytes for c in chunks)):
-            where = storage.quarantine(ctx.quarantine_dir, chunks, reason=reason, calling_ae=calling_ae,
+        if space.has_free_space(ctx.quarantine_dir, ctx.min_free_bytes, sum(memoryview(c).nbytes for c in chunks)):
+            where = quarantine.quarantine(ctx.quarantine_dir, chunks, reason=reason, calling_ae=calling_ae,
                                        transfer_syntax=transfer_syntax, status=int(status), sync=ctx.sync_writes).name
     except OSError as exc:
         where = f"quarantine failed: {exc.strerror}"

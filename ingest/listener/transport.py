@@ -18,7 +18,7 @@ this module, if the internals used here change. What is used:
   than the maximum we advertised with A-ABORT.
 * :class:`ListenerDIMSE` replaces ``assoc.dimse`` (a ``DIMSEServiceProvider``
   subclass) and
-  - writes a C-STORE's data set fragments to a :class:`~preread.ingest.storage.files.Spool`
+  - writes a C-STORE's data set fragments to a :class:`~preread.ingest.storage.spool.Spool`
     as they arrive, or, when the first fragment finds the disk below its
     watermark (or the request without a SOP Instance UID), drops every
     fragment and lets the handler answer the refusal: a data set is never
@@ -60,7 +60,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from preread.ingest.assembly.catalog import uid_value
 from preread.ingest.listener import gate
 from preread.ingest.listener.statuses import StoreStatus
-from preread.ingest.storage.files import Spool
+from preread.ingest.storage.spool import Spool
 from preread.ingest.storage.part10 import ui_bytes
 
 LOGGER = logging.getLogger("preread.ingest.listener")

@@ -349,12 +349,12 @@ _FILLING_LISTENER = """
 import sys
 from pathlib import Path
 from preread.ingest.listener.ae import Listener
-from preread.ingest.storage import files
+from preread.ingest.storage import space
 from preread.schemas.settings import Settings
 
 tmp = Path(sys.argv[1])
-real = files.has_free_space
-files.has_free_space = lambda *args, **kwargs: not (tmp / "full").exists() and real(*args, **kwargs)
+real = space.has_free_space
+space.has_free_space = lambda *args, **kwargs: not (tmp / "full").exists() and real(*args, **kwargs)
 settings = Settings(data_dir=tmp / "data", host="127.0.0.1", port=0, min_free_bytes=16 * 2**20,
                     database_url=f"sqlite:///{tmp / 'preread.db'}")
 listener = Listener(settings, monitor=False)
