@@ -91,3 +91,4 @@ def test_server_hooks() -> None:
     assert "**kwargs" in _source(pynetdicom.AE.make_server), _fail("AE.make_server keyword arguments")
     assert "self.ae._servers.remove" in _source(AssociationServer.shutdown), _fail("AssociationServer.shutdown")
     assert hasattr(_config, "LOG_HANDLER_LEVEL"), _fail("_config.LOG_HANDLER_LEVEL")
+    assert "gc.collect()" in _source(AssociationServer.service_actions), _fail("AssociationServer.service_actions")
