@@ -193,7 +193,8 @@ sys.path.insert(0, {root!r})
 from preread.ingest.listener.ae import TRANSFER_SYNTAXES, MAX_PDU_SIZE, MAX_ASSOCIATIONS
 from preread.ingest.listener import gate, transport
 from preread.ingest.listener.handlers import open_spool, IngestContext
-from preread.ingest.storage.files import FilePool
+from preread.ingest.storage.files import FilePool, write_atomic
+from preread.ingest.storage.part10 import file_meta_bytes
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 store = Path({store!r}); store.mkdir(parents=True, exist_ok=True)
 transport.quiet_pynetdicom()
@@ -205,8 +206,15 @@ for cx in AllStoragePresentationContexts:
     ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
 ctx = IngestContext(storage_dir=store, quarantine_dir=store, min_free_bytes=0, index=None, file_pool=FilePool(store))
 def keep(event):
-    spool = transport.take_spool(event.assoc, event.request.MessageID)
-    spool.commit(store / (str(event.request.AffectedSOPInstanceUID) + ".dcm"))
+    request = event.request
+    path = store / (str(request.AffectedSOPInstanceUID) + ".dcm")
+    spool = transport.take_spool(event.assoc, request.MessageID)
+    if spool is None:  # no pooled file was ready: the data set is in memory, as in the listener
+        meta = file_meta_bytes(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                               str(event.context.transfer_syntax))
+        write_atomic(path, [meta, request.DataSet.getbuffer()], overwrite=False, pool=ctx.file_pool)
+    else:
+        spool.commit(path)
     return 0x0000
 ae.make_server(("127.0.0.1", {port}), evt_handlers=[(evt.EVT_C_STORE, keep)], server_class=transport.ListenerServer,
                request_handler=transport.ListenerRequestHandler, door=gate.Door(1000, transport.MAX_WAITING, MAX_ASSOCIATIONS),

@@ -130,6 +130,7 @@ def test_tls_association_works_and_plain_one_fails(listener_factory, pki: Path) 
     assert not no_cert.is_established
     assert not echo(lp.port)  # dcmtk without TLS
     assert tls_echo()  # and the listener still serves
+    assert re.search(r"connection from 127\.0\.0\.1:\d+ closed: TLS handshake failed", lp.log())  # who, and what
 
 
 @needs_dcmtk
