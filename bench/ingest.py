@@ -5,7 +5,7 @@ new UIDs) are sent over one association, then over 4 associations at once, to
 
 (a) a bare pynetdicom SCP that discards what it receives (the ceiling for a
     pynetdicom receiver on this machine),
-(a') the same SCP on the listener's lean pynetdicom plumbing (``ingest.dimse``:
+(a') the same SCP on the listener's pynetdicom plumbing (``ingest/listener/transport.py``: the gate,
     recv_into, C-STORE-RSP encoded directly, no per-PDU debug handlers), so
     that the cost of keeping instances shows apart from the plumbing's gain,
 (b) ``preread listen`` (and ``preread listen --workers 2`` for 4 associations),
@@ -131,9 +131,10 @@ def discard(event):
     return 0x0000
 kwargs = {{}}
 if {lean!r}:
-    from preread.ingest.listener import transport as dimse
+    from preread.ingest.listener import gate, transport as dimse
     dimse.quiet_pynetdicom()
-    kwargs["request_handler"] = dimse.ListenerRequestHandler
+    kwargs.update(request_handler=dimse.ListenerRequestHandler, server_class=dimse.ListenerServer,
+                  door=gate.Door(1000, dimse.MAX_WAITING, MAX_ASSOCIATIONS))
 ae.make_server(("127.0.0.1", {port}), evt_handlers=[(evt.EVT_C_STORE, discard)], **kwargs).serve_forever()
 """
 
@@ -149,6 +150,94 @@ def run_bare(paths: list[Path], lean: bool = False) -> tuple[float, float]:
     finally:
         stop(proc)
     return one, four
+
+
+#: Durable SCPs without a database, to compare pynetdicom plumbings: each keeps every instance as a
+#: Part 10 file in ``{store}``, fsynced and linked into place, before it answers.
+DOCUMENTED_SCP = """
+import os, sys, logging, tempfile
+from pathlib import Path
+from pynetdicom import AE, AllStoragePresentationContexts, evt, _config
+from pynetdicom.sop_class import Verification
+sys.path.insert(0, {root!r})
+from preread.ingest.listener.ae import TRANSFER_SYNTAXES, MAX_PDU_SIZE, MAX_ASSOCIATIONS
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+store = Path({store!r}); (store / "tmp").mkdir(parents=True, exist_ok=True)
+tempfile.tempdir = str(store / "tmp")  # the data set file on the storage file system, so that it can be linked
+_config.STORE_RECV_CHUNKED_DATASET = True
+_config.LOG_HANDLER_LEVEL = "none"
+ae = AE(ae_title="DOC")
+ae.maximum_associations = MAX_ASSOCIATIONS
+ae.maximum_pdu_size = MAX_PDU_SIZE
+ae.add_supported_context(Verification)
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+folder = os.open(store, os.O_RDONLY)
+def keep(event):
+    path = event.dataset_path
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    os.link(path, store / (str(event.request.AffectedSOPInstanceUID) + ".dcm"))
+    os.fsync(folder)
+    return 0x0000
+ae.make_server(("127.0.0.1", {port}), evt_handlers=[(evt.EVT_C_STORE, keep)]).serve_forever()
+"""
+
+PLUMBING_SCP = """
+import os, sys, logging
+from pathlib import Path
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+sys.path.insert(0, {root!r})
+from preread.ingest.listener.ae import TRANSFER_SYNTAXES, MAX_PDU_SIZE, MAX_ASSOCIATIONS
+from preread.ingest.listener import gate, transport
+from preread.ingest.listener.handlers import open_spool, IngestContext
+from preread.ingest.storage.files import FilePool, write_atomic
+from preread.ingest.storage.part10 import file_meta_bytes
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+store = Path({store!r}); store.mkdir(parents=True, exist_ok=True)
+transport.quiet_pynetdicom()
+ae = AE(ae_title="OURS")
+ae.maximum_associations = MAX_ASSOCIATIONS
+ae.maximum_pdu_size = MAX_PDU_SIZE
+ae.add_supported_context(Verification)
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+ctx = IngestContext(storage_dir=store, quarantine_dir=store, min_free_bytes=0, index=None, file_pool=FilePool(store))
+def keep(event):
+    request = event.request
+    path = store / (str(request.AffectedSOPInstanceUID) + ".dcm")
+    spool = transport.take_spool(event.assoc, request.MessageID)
+    if spool is None:  # no pooled file was ready: the data set is in memory, as in the listener
+        meta = file_meta_bytes(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                               str(event.context.transfer_syntax))
+        write_atomic(path, [meta, request.DataSet.getbuffer()], overwrite=False, pool=ctx.file_pool)
+    else:
+        spool.commit(path)
+    return 0x0000
+ae.make_server(("127.0.0.1", {port}), evt_handlers=[(evt.EVT_C_STORE, keep)], server_class=transport.ListenerServer,
+               request_handler=transport.ListenerRequestHandler, door=gate.Door(1000, transport.MAX_WAITING, MAX_ASSOCIATIONS),
+               spool_opener=open_spool(ctx)).serve_forever()
+"""
+
+
+def run_plumbing(paths: list[Path], script: str, aet: str) -> tuple[float, float]:
+    """Instances/s over 1 and 4 associations into a durable SCP without a database."""
+    results = []
+    for groups in (1, 4):
+        with tempfile.TemporaryDirectory(prefix="bench-plumbing-") as store:
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-c", script.format(root=str(ROOT), port=port, store=store)])
+            try:
+                wait_echo(port, aet)
+                results.append(len(paths) / send(port, aet, split(paths, groups)))
+                kept = len(list(Path(store).glob("*.dcm")))
+                if kept != len(paths):
+                    raise RuntimeError(f"{aet} kept {kept} of {len(paths)} instances")
+            finally:
+                stop(proc)
+    return results[0], results[1]
 
 
 @contextlib.contextmanager
@@ -247,9 +336,15 @@ def main() -> None:
     parser.add_argument("--postgres", default=None, metavar="ADMIN_URL",
                         help="run preread on a fresh Postgres database per run, created through this admin URL "
                              "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres); default: embedded SQLite")
+    parser.add_argument("--plumbing", action="store_true",
+                        help="only compare pynetdicom's documented chunked receive (STORE_RECV_CHUNKED_DATASET, "
+                             "event.dataset_path hard-linked) with the listener's transport, both durable, no database")
     args = parser.parse_args()
     if not STORESCU or not ECHOSCU:
         raise SystemExit("dcmtk's storescu and echoscu are needed (apt install dcmtk)")
+    if args.plumbing:
+        plumbing(args.count, args.repeat)
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-ct-") as tmp:
         paths = make_instances(Path(tmp), args.count)
@@ -290,6 +385,26 @@ def main() -> None:
     print(f"\nDurable-write floor: one {size / 1024:.0f} KiB file written crash-safely (write, fsync, rename, "
           f"folder fsync) takes {floor:.2f} ms here, with no DICOM at all: {floor / per_instance:.0%} of (a)'s "
           f"{per_instance:.2f} ms per instance; (b) at 0.85x (a) leaves {per_instance / 0.85 - per_instance:.2f} ms.")
+
+
+def plumbing(count: int, repeat: int) -> None:
+    """The documented way against the listener's transport, each durable, in rounds (best of ``repeat``)."""
+    with tempfile.TemporaryDirectory(prefix="bench-ct-") as tmp:
+        paths = make_instances(Path(tmp), count)
+        size = size_of(paths)
+        doc1 = doc4 = ours1 = ours4 = 0.0
+        for _ in range(max(1, repeat)):
+            one, four = run_plumbing(paths, DOCUMENTED_SCP, "DOC")
+            doc1, doc4 = max(doc1, one), max(doc4, four)
+            one, four = run_plumbing(paths, PLUMBING_SCP, "OURS")
+            ours1, ours4 = max(ours1, one), max(ours4, four)
+    print(f"\n{count} CT instances, {size / 1024:.0f} KiB each, dcmtk storescu, durable (file fsynced, linked, folder "
+          f"fsynced), no database{f', best of {repeat} runs' if repeat > 1 else ''}\n")
+    print("| pynetdicom plumbing | 1 association | 4 associations |")
+    print("|---|---:|---:|")
+    print(f"| (d) documented: STORE_RECV_CHUNKED_DATASET, event.dataset_path linked | {doc1:.0f}/s | {doc4:.0f}/s |")
+    print(f"| (e) transport.py: gate, bounded reads, spool as fragments arrive | {ours1:.0f}/s ({ours1 / doc1:.2f}x d) "
+          f"| {ours4:.0f}/s ({ours4 / doc4:.2f}x d) |")
 
 
 def orthanc_version() -> str:

@@ -160,6 +160,16 @@ class Settings(BaseSettings):
         description="Calling AE titles, each optionally 'AE@address' or 'AE@network' (comma-separated in the "
         "environment, an array in the settings file); empty allows all.",
     )
+    called_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Called AE titles accepted, comma-separated; empty accepts ae_title only, '*' accepts any.",
+    )
+    association_request_timeout: float = Field(
+        5.0, gt=0, description="Seconds from accepting a connection (TLS handshake included) to its A-ASSOCIATE-RQ.",
+    )
+    max_connections_per_address: int = Field(
+        32, ge=1, description="Connections one peer address may hold at once (modalities behind one NAT share it).",
+    )
     tls_cert: Path | None = Field(None, description="The listener's PEM certificate chain; TLS on when set.")
     tls_key: Path | None = Field(None, description="The listener's PEM private key.")
     tls_ca: Path | None = Field(None, description="PEM CA bundle; when set, callers must present a certificate it signed.")
@@ -273,6 +283,21 @@ class Settings(BaseSettings):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"names must be unique; repeated: {', '.join(duplicates)}")
+        return value
+
+    @field_validator("called_aes", mode="before")
+    @classmethod
+    def _split_called_aes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("called_aes")
+    @classmethod
+    def _called_aes_valid(cls, value: list[str]) -> list[str]:
+        for title in value:
+            if title != "*" and len(title) > 16:
+                raise ValueError(f"called AE title {title!r} is longer than 16 characters")
         return value
 
     @property

@@ -21,7 +21,10 @@ from sqlalchemy.sql.dml import ReturningInsert
 
 from preread.schemas.tables import Instance, Series, Study, StudyState, UTCDateTime, utcnow
 
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: A UID: digits and dots, no empty component (matched with ``fullmatch``: nothing before or after).
+UID_PATTERN = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+#: Longest UID (PS3.5 9.1).
+UID_MAX_LENGTH = 64
 
 
 class InvalidIdentity(ValueError):
@@ -29,8 +32,31 @@ class InvalidIdentity(ValueError):
 
 
 def is_valid_uid(value: object) -> bool:
-    """True for a DICOM UID: digits and dots, no empty component, at most 64 characters."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and UID_PATTERN.match(value) is not None
+    """True for a DICOM UID: digits and dots, no empty component, at most 64 characters, nothing else.
+
+    Leading zeros in a component are accepted: the standard forbids them,
+    but real archives hold such UIDs and refusing them would lose studies.
+    """
+    return isinstance(value, str) and len(value) <= UID_MAX_LENGTH and UID_PATTERN.fullmatch(value) is not None
+
+
+def uid_value(raw: object) -> str | None:
+    """The UID in a UI value as encoded (``bytes``) or decoded (``str``), or ``None`` if it is not one.
+
+    One trailing NUL, the standard's padding to an even length, is removed;
+    any other whitespace or control character anywhere makes it invalid.
+    This is the one place a received UID is normalised: the stored path and
+    the index row both use what it returns.
+    """
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            raw = bytes(raw).decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(raw, str):
+        return None
+    value = raw[:-1] if raw.endswith("\x00") else raw
+    return value if is_valid_uid(value) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,16 +69,26 @@ class InstanceIdentity:
     sop_class_uid: str
 
 
+IDENTITY_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
 def identity_of(ds: Dataset) -> InstanceIdentity:
-    """The validated UIDs of ``ds``; raises :class:`InvalidIdentity` naming the bad attribute."""
+    """The validated UIDs of ``ds``; raises :class:`InvalidIdentity` naming the bad attribute.
+
+    A value still raw (as read) is judged on its bytes, so that no decoding
+    step can strip a character the UID does not allow.
+    """
     values = {}
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+    for keyword in IDENTITY_KEYWORDS:
         try:
-            raw = ds.get(keyword)
+            element = ds.get_item(keyword) if keyword in ds else None
+            raw = None if element is None else element.value
+            if raw is not None and not isinstance(raw, (bytes, str)):
+                raw = ds.get(keyword)  # converted: the value pydicom made of it
         except Exception as exc:  # a malformed element raises on access
             raise InvalidIdentity(f"{keyword} cannot be read: {type(exc).__name__}") from None
-        value = str(raw).strip().rstrip("\x00") if raw is not None else ""
-        if not is_valid_uid(value):
+        value = uid_value(raw)
+        if value is None:
             raise InvalidIdentity(f"{keyword} is missing or not a valid UID")
         values[keyword] = value
     return InstanceIdentity(
@@ -271,13 +307,14 @@ def record_instance(
     *,
     transfer_syntax_uid: str | None = None,
     source: str = "listener",
+    ident: InstanceIdentity | None = None,
 ) -> tuple[int, bool]:
     """Index a stored instance; returns its study id and whether the instance row is new.
 
     The caller commits. A duplicate SOP Instance UID leaves the existing row
     and the study untouched.
     """
-    ident = identity_of(ds)
+    ident = ident or identity_of(ds)
     study_id = upsert_study(session, ds, ident, source)
     series_id = upsert_series(session, ds, ident, study_id)
     result = session.execute(

@@ -161,7 +161,8 @@ class InstanceIndex:
         for attempt in (1, 2):
             try:
                 with self._writer, Session(self.engine) as session, session.begin():
-                    study_id, new = record_instance(session, header, path, size, transfer_syntax_uid=transfer_syntax)
+                    study_id, new = record_instance(session, header, path, size, transfer_syntax_uid=transfer_syntax,
+                                                     ident=ident)
                     series_id = session.execute(
                         select(Series.id).where(Series.series_instance_uid == ident.series_uid)
                     ).scalar_one()

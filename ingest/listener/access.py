@@ -1,28 +1,24 @@
-"""Who may open an association: the ``PREREAD_ALLOWED_AES`` allowlist.
+"""Who may open an association: calling AE allowlist, called AE titles, free space.
 
-The setting is a comma-separated list of calling AE titles, each optionally
-``AE@address`` to also pin the peer's source address (``AE@10.0.0.5``). An
-empty setting allows every caller. The check runs on ``evt.EVT_REQUESTED``,
-before any presentation context is negotiated, and rejects with
-A-ASSOCIATE-RJ "calling AE title not recognised".
+``PREREAD_ALLOWED_AES`` is a comma-separated list of calling AE titles, each
+optionally ``AE@address`` to also pin the peer's source address
+(``AE@10.0.0.5``); an empty setting allows every caller.
+``PREREAD_CALLED_AES`` lists the called AE titles we answer to (empty: our
+own ``PREREAD_AE_TITLE``; ``*``: any). Below the free-space watermark no new
+association is accepted. The checks run on the A-ASSOCIATE-RQ's fixed fields
+in :mod:`~preread.ingest.listener.gate`, before pynetdicom creates an
+association, and refuse with A-ASSOCIATE-RJ and the standard's reason.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from pynetdicom import evt
-from pynetdicom.events import Event
-
-LOGGER = logging.getLogger("preread.ingest.access")
-
-#: A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognised.
-REJECT_PERMANENT = 0x01
-SOURCE_SERVICE_USER = 0x01
-DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
+from preread.ingest.listener import gate
+from preread.ingest.storage.space import has_free_space
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,18 +61,23 @@ def is_allowed(peers: list[AllowedPeer], ae_title: str, address: str) -> bool:
     return not peers or any(peer.matches(ae_title, address) for peer in peers)
 
 
-def handle_requested(event: Event, peers: list[AllowedPeer]) -> None:
-    """``evt.EVT_REQUESTED`` handler: reject callers not on the allowlist."""
-    if not peers:
-        return
-    requestor = event.assoc.requestor
-    # the A-ASSOCIATE-RQ itself: requestor.ae_title is only filled in during negotiation
-    primitive = requestor.primitive
-    ae_title = str(getattr(primitive, "calling_ae_title", "") or "").strip()
-    address = requestor.address or ""
-    if is_allowed(peers, ae_title, address):
-        return
-    LOGGER.warning("association rejected: calling AE %r from %s is not allowed", ae_title, address)
-    event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, DIAG_CALLING_AE_NOT_RECOGNISED)
-    evt.trigger(event.assoc, evt.EVT_REJECTED, {})
-    event.assoc.kill()
+def called_ae_accepted(called_aes: list[str], own_title: str, called: str) -> bool:
+    """Whether a request to ``called`` is for us: ``own_title`` unless ``called_aes`` is set (``*``: any)."""
+    titles = called_aes or [own_title]
+    return "*" in titles or called.strip() in (title.strip() for title in titles)
+
+
+def admission(peers: list[AllowedPeer], called_aes: list[str], own_title: str, storage_dir: Path,
+              min_free_bytes: int) -> Callable[[gate.AssociationRequest, str], gate.Rejection | None]:
+    """The listener's judge of an A-ASSOCIATE-RQ from an address: ``None`` admits it."""
+
+    def judge(request: gate.AssociationRequest, address: str) -> gate.Rejection | None:
+        if not is_allowed(peers, request.calling_ae, address):
+            return gate.rejected_calling_ae()
+        if not called_ae_accepted(called_aes, own_title, request.called_ae):
+            return gate.rejected_called_ae()
+        if not has_free_space(storage_dir, min_free_bytes):
+            return gate.local_limit("free space below watermark")
+        return None
+
+    return judge

@@ -1,51 +1,76 @@
-"""Lean pynetdicom plumbing for the listener's C-STORE hot path.
+"""Every extension of pynetdicom beyond its documented API, in one place.
 
-pynetdicom spends most of a C-STORE's CPU outside the handler: it reads
-each PDU in 4 KiB ``recv`` calls, and it builds every C-STORE response as a
-pydicom Dataset, validates and encodes it. On one association that CPU is
-latency, and on two cores it is what caps several associations. The
-listener's associations therefore use
+pynetdicom is pinned to the exact version this was written against
+(``pyproject.toml``); ``tests/listener/test_transport_pin.py`` fails, naming
+this module, if the internals used here change. What is used:
 
-* :class:`ListenerSocket`, which reads a PDU with ``recv_into`` straight
-  into one buffer of its full length, and
-* :class:`ListenerDIMSE`, which
-  - writes a C-STORE's data set fragments to a :class:`~ingest.storage.Spool`
-    as they arrive (in the reader thread), so that the disk is busy with an
-    instance while the rest of it is still on the wire; the C-STORE handler
-    takes the spool (:func:`take_spool`) and commits it, or writes from
-    memory when there is none;
+* :class:`ListenerRequestHandler` overrides ``RequestHandler.handle`` and the
+  private ``RequestHandler._create_association``: before pynetdicom makes an
+  association, the connection passes :mod:`~preread.ingest.listener.gate`
+  (TLS handshake and A-ASSOCIATE-RQ within a short timeout, per-address and
+  association limits, AE titles, free space); only then is an association
+  created, given the request already read, and run to its end on the
+  connection's thread, so that its slot is released the moment it closes.
+* :class:`ListenerSocket` replaces the class of the live
+  ``AssociationSocket`` pynetdicom made: it first replays the request the
+  gate read, then reads each PDU into a buffer that grows as bytes arrive
+  (never sized from the length the peer declares) and answers a PDU longer
+  than the maximum we advertised with A-ABORT.
+* :class:`ListenerDIMSE` replaces ``assoc.dimse`` (a ``DIMSEServiceProvider``
+  subclass) and
+  - writes a C-STORE's data set fragments to a :class:`~preread.ingest.storage.spool.Spool`
+    as they arrive, or, when the first fragment finds the disk below its
+    watermark (or the request without a SOP Instance UID), drops every
+    fragment and lets the handler answer the refusal: a data set is never
+    held in memory twice, nor at all when it is refused;
+  - answers a C-STORE-RQ that pynetdicom would silently drop (no valid
+    Affected SOP Instance UID) with a failure status;
   - encodes a plain C-STORE-RSP (PS3.7 9.3.1.2) directly in Little Endian
-    Implicit VR, byte for byte what pynetdicom's own encoder gives (a test
-    holds it to that); a response with an error comment or an offending
-    element goes through pynetdicom;
+    Implicit VR, byte for byte what pynetdicom's own encoder gives;
+* :class:`ListenerServer` (a ``ThreadedAssociationServer`` passed to
+  ``AE.make_server(server_class=...)``) accepts without doing anything else
+  on the accept thread (no TLS there), with a listen backlog of
+  :data:`LISTEN_BACKLOG`, and can serve a listening socket shared by
+  sibling processes;
+* :meth:`ListenerServer.service_actions` replaces pynetdicom's ``gc.collect()`` every 60 accepts
+  (several a second under a connection flood) by one every :data:`GC_INTERVAL` seconds;
+* :func:`quiet_pynetdicom` sets ``_config.LOG_HANDLER_LEVEL`` to skip
+  pynetdicom's per-PDU debug handlers.
 
-and :func:`quiet_pynetdicom` switches off pynetdicom's standard per-PDU
-debug handlers (``_config.LOG_HANDLER_LEVEL``), whose work costs a
-C-STORE as much as our own and which the listener never logs.
-
-Everything else, association negotiation, the state machine and the
-service class, is pynetdicom's.
+Association negotiation, the state machine and the service classes are pynetdicom's.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
+import socket
+import socketserver
+import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import _config
+from pynetdicom import _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from preread.ingest.storage.files import Spool
+from preread.ingest.assembly.catalog import uid_value
+from preread.ingest.listener import gate
+from preread.ingest.listener.statuses import StoreStatus
+from preread.ingest.storage.spool import Spool
 from preread.ingest.storage.part10 import ui_bytes
 
-#: Opens a spool for (SOP Class UID, SOP Instance UID, transfer syntax UID), or declines with ``None``.
-SpoolOpener = Callable[[str, str, str], "Spool | None"]
+LOGGER = logging.getLogger("preread.ingest.listener")
+
+#: Opens a spool for (SOP Class UID, SOP Instance UID, transfer syntax UID), declines with ``None`` (the data
+#: set then arrives in memory), or refuses with the status to answer (its fragments are then dropped).
+SpoolOpener = Callable[[str, str, str], "Spool | StoreStatus | None"]
 
 #: Command Field of a C-STORE-RSP (PS3.7 Table E.1-1).
 C_STORE_RSP_FIELD = 0x8001
@@ -53,6 +78,20 @@ C_STORE_RSP_FIELD = 0x8001
 NO_DATA_SET = 0x0101
 #: Message Control Header of the last (only) fragment of a command (PS3.8 E.2).
 LAST_COMMAND_FRAGMENT = b"\x03"
+#: Listen backlog: bursts of modalities connecting at once wait in the kernel, not on SYN retries.
+LISTEN_BACKLOG = 512
+#: Connections waiting for their A-ASSOCIATE-RQ at once (beyond: the longest waiting is closed).
+MAX_WAITING = 256
+#: Seconds a worker sharing the listening socket waits, per connection it holds, before accepting another.
+ACCEPT_DEFER = 0.025
+#: Least seconds between the server's garbage collections (pynetdicom: every 60 accepts).
+GC_INTERVAL = 30.0
+#: Largest command set accepted (real ones are a few hundred bytes).
+MAX_COMMAND_SET = 64 * 1024
+#: A-ABORT: source service-provider, reason invalid-PDU-parameter value (PS3.8 9.3.8).
+_ABORT_PDU = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
+#: First size of a PDU read buffer; it doubles as bytes arrive.
+_FIRST_BUFFER = 64 * 1024
 
 
 def quiet_pynetdicom() -> None:
@@ -60,26 +99,56 @@ def quiet_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
 
 
+def peer_of(assoc: Any) -> str:
+    """``address:port`` of the association's peer, for log lines."""
+    requestor = assoc.requestor
+    return f"{requestor.address}:{requestor.port}"
+
+
 class ListenerSocket(AssociationSocket):
-    """An :class:`AssociationSocket` that reads with ``recv_into`` into one buffer per read."""
+    """An :class:`AssociationSocket` that replays the gate's request and reads bounded, growing PDUs."""
+
+    #: bytes already read from the peer (the A-ASSOCIATE-RQ), served before the socket's
+    prefix: bytes = b""
+
+    @property
+    def ready(self) -> bool:  # type: ignore[override]
+        return bool(self.prefix) or super().ready
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """Read ``nr_bytes`` (fewer only when the peer closes the connection)."""
+        """Read ``nr_bytes`` (fewer only when the peer closes the connection, or after an A-ABORT)."""
+        if self.prefix:
+            head, self.prefix = self.prefix[:nr_bytes], self.prefix[nr_bytes:]
+            return bytearray(head)
         sock = self.socket
         if sock is None:
             return bytearray()
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        limit = self.assoc.acceptor.maximum_length or gate.MAX_REQUEST_PDU
+        if nr_bytes > limit:
+            self.abort(f"PDU of {nr_bytes} bytes exceeds the negotiated maximum of {limit}")
+            return bytearray()
+        buffer = bytearray(min(nr_bytes, _FIRST_BUFFER))
         read = 0
         while read < nr_bytes:
-            count = sock.recv_into(view[read:], nr_bytes - read)
+            if read == len(buffer):  # grow as bytes arrive: at most twice what was received
+                buffer.extend(bytes(min(len(buffer), nr_bytes - len(buffer))))
+            with memoryview(buffer) as view:
+                count = sock.recv_into(view[read:], len(buffer) - read)
             if not count:  # closed by the peer: what we have, as AssociationSocket.recv does
-                view.release()
                 del buffer[read:]
                 return buffer
             read += count
-        view.release()
         return buffer
+
+    def abort(self, why: str) -> None:
+        """Send A-ABORT and shut the connection (on the DUL thread, which alone sends on this socket)."""
+        LOGGER.warning("association from %s aborted: %s", peer_of(self.assoc), why)
+        sock = self.socket
+        try:
+            sock.sendall(_ABORT_PDU)  # type: ignore[union-attr]
+            sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+        except OSError:
+            pass
 
 
 def _element(tag: int, value: bytes) -> bytes:
@@ -117,37 +186,47 @@ def encode_c_store_rsp(primitive: C_STORE) -> bytes | None:
 
 
 class ListenerDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider that spools C-STORE data sets and encodes C-STORE responses directly."""
+    """pynetdicom's DIMSE provider that spools (or refuses) C-STORE data sets as they arrive,
+    answers requests pynetdicom would drop, and encodes C-STORE responses directly."""
 
     def __init__(self, assoc: Any, opener: SpoolOpener | None = None) -> None:
         super().__init__(assoc)
         self.opener = opener
-        #: the message whose data set is arriving, and its spool (``None``: not spooled)
+        #: the message whose data set is arriving, and where it goes (``None``: memory; a status: dropped)
         self._message: DIMSEMessage | None = None
-        self._spool: Spool | None = None
-        #: spools of complete messages by Message ID, until the handler takes them
-        self._complete: dict[int, Spool] = {}
+        self._spool: Spool | StoreStatus | None = None
+        self._command_bytes = 0
+        #: outcomes of complete messages by Message ID, until the handler takes them
+        self._complete: dict[int, Spool | StoreStatus] = {}
         self._lock = threading.Lock()
         self._syntaxes: dict[int, str] | None = None
 
     def receive_primitive(self, primitive: P_DATA) -> None:
-        """Spool the data set fragments of ``primitive``, then let pynetdicom decode the rest.
+        """Spool or drop the data set fragments of ``primitive``, then let pynetdicom decode the rest.
 
-        A fragment that went to a spool reaches pynetdicom as its control
-        header alone: the data set then lives once, in the page cache, and
-        the handler reads it from the spool.
+        A fragment that went to a spool (or was refused) reaches pynetdicom as
+        its control header alone: the data set then lives once, in the page
+        cache, or nowhere.
         """
-        if self.opener is not None:
-            items = primitive.presentation_data_value_list
-            for index, (context_id, data) in enumerate(items):
-                if not data[0] & 1 and self._spool_fragment(context_id, data):  # a data set fragment (PS3.8 E.2)
-                    items[index] = (context_id, data[:1])
+        items = primitive.presentation_data_value_list
+        for index, (context_id, data) in enumerate(items):
+            if data[0] & 1:  # a command fragment (PS3.8 E.2): bounded, it is decoded in memory
+                self._command_bytes += len(data)
+                if self._command_bytes > MAX_COMMAND_SET:
+                    sock = self.dul.socket
+                    if isinstance(sock, ListenerSocket):
+                        sock.abort(f"command set longer than {MAX_COMMAND_SET} bytes")
+                        return
+            elif self.opener is not None and self._take_fragment(context_id, data):
+                items[index] = (context_id, data[:1])
         super().receive_primitive(primitive)
-        if self._message is not None and self.message is not self._message:  # the message is complete
-            self._finish()
+        if self.message is None:  # the message is complete
+            self._command_bytes = 0
+            if self._message is not None:
+                self._finish()
 
-    def _spool_fragment(self, context_id: int, data: bytes) -> bool:
-        """Write one fragment to the current message's spool; whether it was spooled."""
+    def _take_fragment(self, context_id: int, data: bytes) -> bool:
+        """Spool (or drop) one data set fragment of the current message; whether pynetdicom is spared it."""
         message = self.message
         if message is None:
             return False
@@ -155,67 +234,97 @@ class ListenerDIMSE(DIMSEServiceProvider):
             self._discard()
             self._message = message
             self._spool = self._open(message, context_id)
-        if self._spool is None:
+        target = self._spool
+        if target is None:
             return False
-        self._spool.write(memoryview(data)[1:])
+        if isinstance(target, Spool):
+            target.write(memoryview(data)[1:])
         return True
 
-    def _open(self, message: DIMSEMessage, context_id: int) -> Spool | None:
-        """A spool for a C-STORE-RQ whose data set starts now, or ``None``."""
-        if self.opener is None or not isinstance(message, C_STORE_RQ) or message.data_set is None or message.data_set.tell():
+    def _open(self, message: DIMSEMessage, context_id: int) -> Spool | StoreStatus | None:
+        """Where a C-STORE-RQ's data set that starts now goes: a spool, memory (``None``) or nowhere (a status)."""
+        if not isinstance(message, C_STORE_RQ) or message.data_set.tell():  # type: ignore[union-attr]
             return None
         command = message.command_set
         if self._syntaxes is None:
-            self._syntaxes = {
-                cx.context_id: str(cx.transfer_syntax[0])
-                for cx in self.assoc.accepted_contexts
-                if cx.context_id is not None
-            }
+            self._syntaxes = {cx.context_id: str(cx.transfer_syntax[0]) for cx in self.assoc.accepted_contexts
+                              if cx.context_id is not None}
         syntax = self._syntaxes.get(context_id)
         try:
-            sop_class = str(command.AffectedSOPClassUID or "")
-            sop_instance = str(command.AffectedSOPInstanceUID or "")
-        except Exception:  # an odd command set: pynetdicom will judge it; we do not spool it
+            sop_class = str(command.get("AffectedSOPClassUID") or "")
+            sop_instance = uid_value(command.get("AffectedSOPInstanceUID"))
+        except Exception:  # an odd command set: pynetdicom will judge it
             return None
-        if syntax is None or not sop_class or not sop_instance:
+        if sop_instance is None:
+            return StoreStatus.CANNOT_UNDERSTAND_INVALID_REQUEST
+        if syntax is None or not sop_class:
             return None
-        return self.opener(sop_class, sop_instance, syntax)
+        return self.opener(sop_class, sop_instance, syntax)  # type: ignore[misc]
 
     def _finish(self) -> None:
-        message, spool = self._message, self._spool
+        message, target = self._message, self._spool
         self._message = self._spool = None
-        if spool is None or message is None:
+        if target is None or message is None:
             return
         try:
             message_id = int(message.command_set.MessageID)
         except Exception:
-            spool.close()
+            if isinstance(target, Spool):
+                target.close()
             return
         with self._lock:
-            # one message at a time per association: an untaken older spool is stale
+            # one message at a time per association: an untaken older outcome is stale
             stale = list(self._complete.values())
-            self._complete = {message_id: spool}
+            self._complete = {message_id: target}
         for old in stale:
-            old.close()
+            if isinstance(old, Spool):
+                old.close()
 
     def _discard(self) -> None:
-        if self._spool is not None:
+        if isinstance(self._spool, Spool):
             self._spool.close()
         self._message = self._spool = None
 
-    def take_spool(self, message_id: int) -> Spool | None:
-        """The spool of the complete C-STORE-RQ ``message_id`` (the caller commits or closes it)."""
+    def take_spool(self, message_id: int) -> Spool | StoreStatus | None:
+        """What became of C-STORE-RQ ``message_id``'s data set: its spool (the caller commits or closes
+        it), the status it was refused with, or ``None`` (it is in the request, in memory)."""
         with self._lock:
             return self._complete.pop(message_id, None)
 
     def close_spools(self) -> None:
         """Drop every spool (the connection closed)."""
         with self._lock:
-            spools = list(self._complete.values())
+            targets = list(self._complete.values())
             self._complete = {}
         self._discard()
-        for spool in spools:
-            spool.close()
+        for target in targets:
+            if isinstance(target, Spool):
+                target.close()
+
+    def get_msg(self, block: bool = False) -> Any:
+        """The next message for the association; a C-STORE-RQ pynetdicom would drop unanswered
+        (missing Affected SOP Instance UID) is answered with a failure status here instead."""
+        context_id, msg = super().get_msg(block)
+        if isinstance(msg, C_STORE) and context_id is not None and msg.MessageIDBeingRespondedTo is None \
+                and not msg.is_valid_request:
+            status = StoreStatus.CANNOT_UNDERSTAND_INVALID_REQUEST
+            if msg.MessageID is None:
+                LOGGER.warning("association from %s aborted: C-STORE request without a Message ID",
+                               peer_of(self.assoc))
+                self.assoc.abort()
+                return None, None
+            taken = self.take_spool(msg.MessageID)
+            if isinstance(taken, Spool):
+                taken.close()
+            LOGGER.warning("C-STORE refused %s: request lacks a valid Affected SOP Instance UID (from %s)",
+                           status, peer_of(self.assoc))
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = msg.MessageID
+            rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+            rsp.Status = int(status)
+            self.send_msg(rsp, context_id)
+            return None, None
+        return context_id, msg
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """Send ``primitive``; a plain C-STORE-RSP skips pydicom's Dataset encoding."""
@@ -231,8 +340,8 @@ class ListenerDIMSE(DIMSEServiceProvider):
         super().send_msg(primitive, context_id)
 
 
-def take_spool(assoc: Any, message_id: int | None) -> Spool | None:
-    """The spool holding C-STORE ``message_id``'s data set, if the association spooled it."""
+def take_spool(assoc: Any, message_id: int | None) -> Spool | StoreStatus | None:
+    """What became of C-STORE ``message_id``'s data set (see :meth:`ListenerDIMSE.take_spool`)."""
     dimse = getattr(assoc, "dimse", None)
     if not isinstance(dimse, ListenerDIMSE) or message_id is None:
         return None
@@ -246,15 +355,151 @@ def close_spools(assoc: Any) -> None:
         dimse.close_spools()
 
 
-class ListenerRequestHandler(RequestHandler):
-    """pynetdicom's request handler, giving each association the lean socket and DIMSE provider.
+#: Judges an association request from an address: ``None`` admits it.
+Judge = Callable[[gate.AssociationRequest, str], "gate.Rejection | None"]
 
-    The server may carry a ``spool_opener`` (a :data:`SpoolOpener`).
+
+class ListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server whose connections pass the gate before they become associations.
+
+    The accept thread only accepts and counts (per-address cap); TLS, the
+    request and the association run on the connection's own thread. With
+    :attr:`listen_socket` set it serves a listening socket made by the
+    parent process and shared by every worker (see
+    :func:`~preread.ingest.listener.serving.shared_socket`): a worker already
+    holding connections waits :data:`ACCEPT_DEFER` seconds per connection
+    before it accepts, so that an idle sibling takes the connection first.
     """
+
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, door: gate.Door, judge: Judge | None = None, request_timeout: float = 5.0,
+                 tls: ssl.SSLContext | None = None, spool_opener: SpoolOpener | None = None,
+                 listen_socket: socket.socket | None = None, reuse_port: bool = False, **kwargs: Any) -> None:
+        """``AE.make_server(..., server_class=ListenerServer, door=..., ...)`` passes these keywords."""
+        self.door = door
+        self.judge = judge
+        self.request_timeout = request_timeout
+        #: TLS is the gate's job, on each connection's thread (pynetdicom would handshake on the accept thread)
+        self.tls = tls
+        self.spool_opener = spool_opener
+        self.listen_socket = listen_socket
+        self.reuse_port = reuse_port
+        self._tickets: dict[int, gate.Ticket] = {}
+        self._tickets_lock = threading.Lock()
+        self._last_gc = time.monotonic()
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        if self.listen_socket is not None:
+            self.socket.close()
+            self.socket = self.listen_socket
+            self.server_address = self.socket.getsockname()
+            return
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def server_activate(self) -> None:
+        if self.listen_socket is None:
+            super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; nothing else happens on the accept thread."""
+        assert self.socket is not None
+        held = self.door.connections
+        if self.listen_socket is not None and held:
+            time.sleep(min(held, 8) * ACCEPT_DEFER)
+        return self.socket.accept()  # shared and non-blocking: BlockingIOError if a sibling won
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Count the connection against its address's cap, then serve it on its own thread."""
+        address = str(client_address[0])
+        ticket = self.door.enter(address, request)
+        if ticket is None:
+            if gate.THROTTLE.allow(("cap", address)):
+                LOGGER.warning("connection from %s refused: connection limit reached (%d per address)",
+                               address, self.door.per_address)
+            gate.close(request)
+            return
+        with self._tickets_lock:
+            self._tickets[id(request)] = ticket
+        super().process_request(request, client_address)
+
+    def service_actions(self) -> None:
+        """pynetdicom runs a full ``gc.collect()`` every 60 accepts; under a connection flood that is several
+        per second on the accept thread. Here: at most one per :data:`GC_INTERVAL` seconds."""
+        now = time.monotonic()
+        if now - self._last_gc >= GC_INTERVAL:
+            self._last_gc = now
+            gc.collect()
+
+    def take_ticket(self, request: Any) -> gate.Ticket:
+        with self._tickets_lock:
+            return self._tickets.pop(id(request))
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket (the server was made, not started, by the AE: it is not in
+        the AE's server list, which pynetdicom's ``shutdown`` would edit)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+class ListenerRequestHandler(RequestHandler):
+    """A connection: the gate first, then (if it passes) a pynetdicom association, served to its end."""
+
+    server: ListenerServer
+
+    def handle(self) -> None:
+        server = self.server
+        ticket = server.take_ticket(self.request)
+        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        deadline = ticket.accepted_at + server.request_timeout
+        sock = self.request
+        try:
+            if server.tls is not None:
+                sock = gate.tls_handshake(sock, server.tls, deadline)
+                server.door.rewrap(ticket, sock)
+                self.request = sock
+            request = gate.read_request(sock, deadline)
+            rejection = server.judge(request, ticket.address) if server.judge is not None else None
+            if rejection is None and not server.door.admit(ticket):
+                rejection = gate.local_limit(f"association limit reached ({server.door.max_associations})")
+            if rejection is not None:
+                LOGGER.warning("association from %s rejected: %s (calling AE %s, called AE %s)", peer,
+                               rejection.event, gate.printable(request.calling_ae), gate.printable(request.called_ae))
+                server.door.leave(ticket)
+                gate.send_and_close(sock, rejection.pdu())
+                return
+            sock.settimeout(None)
+        except gate.Refused as exc:
+            if gate.THROTTLE.allow((exc.event, ticket.address)):
+                LOGGER.warning("connection from %s closed: %s", peer, exc.event)
+            server.door.leave(ticket)
+            gate.close(sock)
+            return
+        assoc = None
+        try:
+            assoc = self._create_association()
+            assoc.dul.socket.prefix = request.pdu
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+            if assoc.dul.idle_timer_expired():
+                LOGGER.warning("association from %s aborted: idle timeout (%s s without a PDU)", peer,
+                               assoc.network_timeout)
+        finally:
+            if assoc is not None:
+                close_spools(assoc)
+            server.door.leave(ticket)
+            gate.close(sock)
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        assoc.dimse = ListenerDIMSE(assoc, getattr(self.server, "spool_opener", None))
+        assoc.dimse = ListenerDIMSE(assoc, self.server.spool_opener)
         # the socket pynetdicom made for this connection, with our recv
         assoc.dul.socket.__class__ = ListenerSocket
         return assoc

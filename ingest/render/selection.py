@@ -20,6 +20,12 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    EnhancedXRayRadiationDoseSRStorage,
+    PatientRadiationDoseSRStorage,
+    RadiopharmaceuticalRadiationDoseSRStorage,
+    XRayRadiationDoseSRStorage,
+)
 
 from preread.ingest.assembly.catalog import int_attribute
 from preread.ingest.assembly.reading import has_pixel_data, read_file
@@ -33,7 +39,8 @@ NON_IMAGE_MODALITIES = frozenset(
 #: SOP Class UID prefixes: SR (incl. dose SR), PR, secondary capture, RT, waveforms, raw data, encapsulated docs.
 _SR = "1.2.840.10008.5.1.4.1.1.88."
 _KO = "1.2.840.10008.5.1.4.1.1.88.59"
-_DOSE_SR = ("1.2.840.10008.5.1.4.1.1.88.67", "1.2.840.10008.5.1.4.1.1.88.68", "1.2.840.10008.5.1.4.1.1.88.74")
+_DOSE_SR = frozenset({XRayRadiationDoseSRStorage, RadiopharmaceuticalRadiationDoseSRStorage, PatientRadiationDoseSRStorage,
+                      EnhancedXRayRadiationDoseSRStorage})
 _PR = "1.2.840.10008.5.1.4.1.1.11."
 _SC = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.")
 _OTHER_NON_IMAGE = ("1.2.840.10008.5.1.4.1.1.481.", "1.2.840.10008.5.1.4.1.1.9.", "1.2.840.10008.5.1.4.1.1.104.", "1.2.840.10008.5.1.4.1.1.66")
@@ -94,7 +101,7 @@ class InstanceHeader:
     def kind(self) -> str:
         """Classification of this instance (a :class:`Kind` value)."""
         uid, text = self.sop_class_uid, self.series_description
-        if uid.startswith(_DOSE_SR) or (self.modality == "SR" and _DOSE_TEXT.search(text)):
+        if uid in _DOSE_SR or (self.modality == "SR" and _DOSE_TEXT.search(text)):
             return Kind.DOSE_REPORT
         if uid == _KO or self.modality == "KO":
             return Kind.KO

@@ -193,19 +193,21 @@ def test_generated_200_slice_series_stable_once_then_reopened(listener_factory, 
     assert lp.query("select count(*) from outbox where topic = 'render'")[0][0] == 2
 
 
-def test_disk_below_watermark_refused_with_a700_before_writing(listener_factory) -> None:  # type: ignore[no-untyped-def]
-    lp = listener_factory(PREREAD_MIN_FREE_BYTES=str(10**18))
-    ds = dcmread(testdata("CT_small.dcm"))
+def test_disk_below_watermark_rejects_new_associations_with_local_limit_exceeded(listener_factory) -> None:  # type: ignore[no-untyped-def]
+    """Below the watermark nothing is received at all: a new association is rejected (transient,
+    service-provider, local-limit-exceeded) instead of a whole instance being read before 0xA700."""
+    lp = listener_factory(start=False, PREREAD_MIN_FREE_BYTES=str(10**18))
+    lp.start(wait=False)
+    wait_for(lambda: lp.alive() and "listening as" in lp.log(), timeout=60, what="listener up")
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", lp.port, ae_title="PREREAD")
-    try:
-        assert assoc.send_c_store(ds).Status == 0xA700
-    finally:
-        assoc.release()
+    assert assoc.is_rejected and not assoc.is_established
+    rejection = assoc.acceptor.primitive
+    assert (rejection.result, rejection.result_source, rejection.diagnostic) == (0x02, 0x03, 0x02)
     assert lp.stored_files() == [] and lp.quarantined() == []
     assert lp.query("select count(*) from instances")[0][0] == 0
-    assert "0xA700" in lp.log()
+    assert "free space below watermark" in lp.log()
 
 
 def test_sigterm_stops_cleanly(listener_factory) -> None:  # type: ignore[no-untyped-def]

@@ -53,7 +53,7 @@ def _encode(ds: Dataset) -> bytes:
 
 def _element_offsets(data: bytes) -> list[tuple[int, int]]:
     """(offset of the length field, its width) of each top-level explicit VR LE element."""
-    from preread.ingest.listener.ae import _LONG_VRS
+    from preread.ingest.listener.structure import _LONG_VRS
 
     offsets, pos = [], 0
     while pos + 8 <= len(data):

@@ -8,7 +8,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from preread.ingest.render import Kind, SelectionPolicy, read_header, select_frames
-from preread.ingest.render.selection import evenly_spaced
+from preread.ingest.render.selection import InstanceHeader, evenly_spaced
 from tests.support.synthetic import CORONAL, ct_series, dose_screen, dose_sr, image_slice, projection, save
 
 
@@ -117,3 +117,40 @@ def test_skipped_kinds_only_when_asked(tmp_path: Path) -> None:
 def test_budget_respected(tmp_path: Path, max_images: int) -> None:
     files, _ = _study(tmp_path)
     assert len(select_frames([read_header(p) for p in files], max_images)) == max_images
+
+
+def _header(sop_class: str, modality: str) -> InstanceHeader:
+    return InstanceHeader(
+        path=Path("x.dcm"), sop_instance_uid=generate_uid(), sop_class_uid=sop_class, series_instance_uid=generate_uid(),
+        modality=modality, image_type=(), series_number=1, instance_number=1, series_description="",
+        rows=0, columns=0, number_of_frames=1, has_pixels=False, orientation=None,
+    )
+
+
+#: Every radiation dose SR SOP class (PS3.4 B.5): a dose report, never an ordinary SR.
+DOSE_SR_CLASSES = {"XRayRadiationDoseSRStorage", "RadiopharmaceuticalRadiationDoseSRStorage",
+                   "PatientRadiationDoseSRStorage", "EnhancedXRayRadiationDoseSRStorage"}
+
+
+@pytest.mark.parametrize("modality", ["SR", ""])
+def test_every_sr_and_dose_sop_class_is_skipped_and_dose_reports_are_told_apart(modality: str) -> None:
+    import pydicom.uid
+    from pynetdicom import sop_class
+
+    # every SR-family storage class pynetdicom knows (PS3.4 B.5: the Basic Text SR's siblings), by name
+    family = sop_class.BasicTextSRStorage.rsplit(".", 1)[0] + "."
+    classes = {name: str(uid) for name, uid in vars(sop_class).items()
+               if isinstance(uid, str) and uid.startswith(family)}
+    assert DOSE_SR_CLASSES <= classes.keys() and "PlannedImagingAgentAdministrationSRStorage" in classes
+    for name, uid in classes.items():
+        kind = _header(uid, modality).kind
+        if name in DOSE_SR_CLASSES:
+            assert kind == Kind.DOSE_REPORT, name
+        elif name == "KeyObjectSelectionDocumentStorage":
+            assert kind == Kind.KO, name
+        else:
+            assert kind == Kind.SR, name  # e.g. Planned Imaging Agent Administration SR is not a dose report
+        assert kind != Kind.IMAGE
+    # the names selection uses are pydicom's, and they are the standard's UIDs
+    assert pydicom.uid.PatientRadiationDoseSRStorage == classes["PatientRadiationDoseSRStorage"]
+    assert pydicom.uid.EnhancedXRayRadiationDoseSRStorage == classes["EnhancedXRayRadiationDoseSRStorage"]

@@ -243,3 +243,105 @@ def raw_send() -> Iterator[None]:
         yield
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+# --- raw DICOM Upper Layer, for peers that misbehave on purpose ---------------------------------------
+
+
+def association_request(calling: str = "GOODSCU", called: str = "PREREAD", abstract_syntax: str | None = None,
+                        transfer_syntax: str | None = None, max_pdu: int = 16384) -> bytes:
+    """An A-ASSOCIATE-RQ PDU (one presentation context, ID 1) encoded by pynetdicom."""
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    context = build_context(abstract_syntax or Verification, [transfer_syntax or ImplicitVRLittleEndian])
+    context.context_id = 1
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    primitive.presentation_context_definition_list = [context]
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    primitive.user_information = [length, implementation]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def echo_request_pdata(message_id: int = 1, context_id: int = 1) -> bytes:
+    """A P-DATA-TF PDU carrying a C-ECHO-RQ command (Implicit VR Little Endian)."""
+    import struct
+
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    def element(tag: int, value: bytes) -> bytes:
+        return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+    uid = str(Verification).encode() + (b"\x00" if len(str(Verification)) % 2 else b"")
+    body = (element(0x00000002, uid) + element(0x00000100, struct.pack("<H", 0x0030))
+            + element(0x00000110, struct.pack("<H", message_id)) + element(0x00000800, struct.pack("<H", 0x0101)))
+    command = element(0x00000000, struct.pack("<L", len(body))) + body
+    item = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BBL", 0x04, 0, len(item)) + item
+
+
+def read_pdu(sock: socket.socket, timeout: float = 30.0) -> tuple[int, bytes] | None:
+    """(PDU type, PDU bytes after the header) of the next PDU, or ``None`` when the peer closed first."""
+    import struct
+
+    sock.settimeout(timeout)
+    head = b""
+    while len(head) < 6:
+        chunk = sock.recv(6 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    pdu_type, _, length = struct.unpack(">BBL", head)
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(min(65536, length - len(body)))
+        if not chunk:
+            return None
+        body += chunk
+    return pdu_type, body
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 30.0) -> bool:
+    """Whether the other end closes ``sock`` within ``timeout`` seconds (anything it sends first is read)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except (TimeoutError, socket.timeout):
+        return False
+    except ConnectionResetError:
+        return True
+    return True
+
+
+def rss_peak_since_reset(pid: int) -> int:
+    """Peak resident set size (bytes) of ``pid`` since the last :func:`reset_rss_peak`."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def rss_now(pid: int) -> int:
+    """Resident set size (bytes) of ``pid`` now."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc status")
+
+
+def reset_rss_peak(pid: int) -> None:
+    """Reset the kernel's peak RSS (VmHWM) of ``pid`` to its current RSS (Linux ``clear_refs`` 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
