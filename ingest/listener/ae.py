@@ -19,7 +19,7 @@ import ssl
 import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, cast
 
 from pydicom import config as pydicom_config
 from pydicom.uid import (
@@ -143,7 +143,8 @@ class Listener:
         """The bound (host, port); useful with port 0."""
         if self.server is None:
             raise RuntimeError("listener not started")
-        return self.server.server_address[:2]  # type: ignore[return-value]
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
 
     def start(self) -> None:
         """Bind the port, serve associations in a background thread, start the monitor."""
@@ -164,7 +165,7 @@ class Listener:
             listen_socket=self.listen_socket,
             reuse_port=self.reuse_port,
         )
-        self.server = server
+        self.server = cast(transport.ListenerServer, server)  # make_server built our server_class
         self._thread = threading.Thread(target=server.serve_forever, name="preread-listener", daemon=True)
         self._thread.start()
         if self.monitor is not None:

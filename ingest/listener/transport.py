@@ -112,7 +112,7 @@ class ListenerSocket(AssociationSocket):
     prefix: bytes = b""
 
     @property
-    def ready(self) -> bool:  # type: ignore[override]
+    def ready(self) -> bool:
         return bool(self.prefix) or super().ready
 
     def recv(self, nr_bytes: int) -> bytearray:
