@@ -7,12 +7,15 @@ import os
 
 import typer
 
+from preread.cli.api import api
+from preread.cli.audit import audit
 from preread.cli.db import db_app
 from preread.cli.draft import draft
 from preread.cli.listen import listen
 from preread.cli.render import render as render_command
 from preread.cli.run import coordinate, run
 from preread.cli.status import status
+from preread.cli.token import token_app
 from preread.cli.worker import worker
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="infimed-preread: DICOM in, draft pre-reads out.")
@@ -24,6 +27,9 @@ app.command("run")(run)
 app.command("coordinate")(coordinate)
 app.command("listen")(listen)
 app.command("render")(render_command)
+app.command("api")(api)
+app.add_typer(token_app, name="token")
+app.command("audit")(audit)
 
 
 def main() -> None:
