@@ -65,7 +65,11 @@ def _validation_errors(request: Request, exc: Exception) -> JSONResponse:
 
 def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug: log its type and where, never its message (it could quote data); answer 500 plainly."""
-    log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=False)
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-4:]))
+    log.error("internal error on %s %s: %s at %s", request.method, request.url.path, type(exc).__name__, where)
     return JSONResponse({"detail": "internal error; see the API log"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
 
 

@@ -77,7 +77,7 @@ def authenticate(request: Request, session: Session) -> Principal:
 def require(roles: frozenset[ApiRole]) -> Callable[..., Principal]:
     """A dependency admitting only ``roles`` (401 without a valid token, 403 with the wrong role)."""
 
-    def dependency(request: Request, session: Session = Depends(db_session)) -> Principal:
+    def dependency(request: Request, session: Session = Depends(db_session, scope="function")) -> Principal:
         principal = authenticate(request, session)
         if principal.role not in roles:
             allowed = ", ".join(sorted(str(r) for r in roles))
@@ -103,7 +103,7 @@ def open_to(spec: str | None, client: str | None) -> bool:
     return any(address in net for net in _networks(spec))
 
 
-def scraper(request: Request, session: Session = Depends(db_session)) -> Principal:
+def scraper(request: Request, session: Session = Depends(db_session, scope="function")) -> Principal:
     """For /metrics and /readyz: an address in PREREAD_API_OPEN_TO, or any valid token."""
     if request.headers.get("authorization") is None and open_to(
         request.app.state.settings.api_open_to, request.client.host if request.client else None

@@ -16,7 +16,7 @@ from preread.ingest.assembly.catalog import is_valid_uid
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 pages = APIRouter(include_in_schema=False)
-Db = Annotated[Session, Depends(db_session)]
+Db = Annotated[Session, Depends(db_session, scope="function")]
 #: A dashboard session lasts a reading shift.
 SESSION_SECONDS = 12 * 3600
 

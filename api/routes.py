@@ -27,7 +27,7 @@ ops = APIRouter()
 
 Reader = Annotated[Principal, Depends(require(READERS))]
 Writer = Annotated[Principal, Depends(require(WRITERS))]
-Db = Annotated[Session, Depends(db_session)]
+Db = Annotated[Session, Depends(db_session, scope="function")]
 StudyUid = Annotated[str, "a Study Instance UID"]
 
 

@@ -188,11 +188,12 @@ def reprocess(session: Session, study: Study) -> ReprocessResult:
 def add_feedback(session: Session, study: Study, body: models.FeedbackIn, token_name: str) -> Feedback:
     """Store a reader's answer on the current draft, with the probe scores they saw; the draft is never changed."""
     report_id = session.scalar(select(Report.id).where(Report.study_id == study.id, Report.current.is_(True)))
-    scores = dict(
-        session.execute(
+    scores = {
+        condition: score
+        for condition, score in session.execute(
             select(ProbeScore.condition, ProbeScore.score).where(ProbeScore.study_id == study.id, ProbeScore.current.is_(True))
-        ).tuples()
-    )
+        )
+    }
     row = Feedback(study_id=study.id, report_id=report_id, token_name=token_name, verdict=body.verdict,
                    text=body.text, labels=body.labels, scores=scores)
     session.add(row)
