@@ -23,7 +23,7 @@ function identity(s) {
     s.urgency_reason ? el("p", { class: "why" }, "Urgency: " + s.urgency_reason) : null,
     s.error ? el("p", { class: "error" }, s.error) : null,
     s.viewer_url ? el("p", {}, el("a", { href: s.viewer_url, target: "_blank", rel: "noopener" }, "Open in the site viewer")) : null,
-  ];
+  ].filter(Boolean);
 }
 
 function render(s) {

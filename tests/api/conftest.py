@@ -115,3 +115,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         _drop_pg_database(name)
         for phi in PHI:
             assert phi not in log, "the API's log must never contain patient names or IDs"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    """Keep each phase's report on the test item, so fixtures can see a failure (the browser's screenshot)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
