@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from preread.api.tokens import Principal
@@ -23,6 +23,10 @@ class Action(enum.StrEnum):
     REPROCESS = "reprocess"
 
 
+#: Actions that only read: their audit rows may skip the commit's flush wait.
+VIEWS = frozenset({Action.WORKLIST, Action.SEARCH, Action.STUDY, Action.IMAGE})
+
+
 def record(
     session: Session,
     principal: Principal,
@@ -32,7 +36,13 @@ def record(
     client: str | None = None,
     detail: str | None = None,
 ) -> None:
-    """Add one audit event to the request's transaction (no patient name or ID in ``detail``)."""
+    """Add one audit event to the request's transaction (no patient name or ID in ``detail``).
+
+    A view's event does not wait for the WAL flush on Postgres (it survives a killed API,
+    not a crashed database server); feedback and reprocess commit fully durably.
+    """
+    if action in VIEWS and session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
     session.add(
         AuditEvent(
             token_name=principal.name,

@@ -65,18 +65,18 @@ class PipelineCollector(Collector):
             states[state] += n
             if state == StudyState.FAILED:
                 failed[_modality(modalities)] += n
-        metric = CounterMetricFamily("preread_studies_received", "Studies received, by first modality.", labels=["modality"])
+        counter = CounterMetricFamily("preread_studies_received", "Studies received, by first modality.", labels=["modality"])
         for modality, n in sorted(received.items()):
-            metric.add_metric([modality], n)
-        yield metric
-        metric = GaugeMetricFamily("preread_studies_failed", "Studies FAILED now, by first modality.", labels=["modality"])
+            counter.add_metric([modality], n)
+        yield counter
+        gauge = GaugeMetricFamily("preread_studies_failed", "Studies FAILED now, by first modality.", labels=["modality"])
         for modality, n in sorted(failed.items()):
-            metric.add_metric([modality], n)
-        yield metric
-        metric = GaugeMetricFamily("preread_studies", "Studies per pipeline state.", labels=["state"])
+            gauge.add_metric([modality], n)
+        yield gauge
+        gauge = GaugeMetricFamily("preread_studies", "Studies per pipeline state.", labels=["state"])
         for state, n in sorted(states.items()):
-            metric.add_metric([state], n)
-        yield metric
+            gauge.add_metric([state], n)
+        yield gauge
 
     def _reports(self, session: Session) -> Iterator[Metric]:
         drafted = CounterMetricFamily("preread_studies_drafted", "Drafts stored (every run), by first modality.", labels=["modality"])
@@ -121,7 +121,7 @@ class PipelineCollector(Collector):
                                    labels=["probe"])
         positives: Counter[str] = Counter()
         for condition, score in session.execute(
-            select(ProbeScore.condition, ProbeScore.score).where(ProbeScore.current.is_(True))
+            select(ProbeScore.condition, ProbeScore.score).where(ProbeScore.current)
         ):
             positives[condition] += int(score >= threshold_for(self.thresholds, condition, self.settings).priority)
         for condition, n in sorted(positives.items()):
@@ -160,11 +160,11 @@ class PipelineCollector(Collector):
         for row in rows:
             for destination, n in ((row.details or {}).get("export_failures") or {}).items():
                 failures[str(destination)] += int(n)
-        metric = CounterMetricFamily("preread_export_failures", "Failed exports, by destination (from the workers' heartbeats).",
-                                     labels=["destination"])
+        counter = CounterMetricFamily("preread_export_failures", "Failed exports, by destination (from the workers' heartbeats).",
+                                      labels=["destination"])
         for destination, n in sorted(failures.items()):
-            metric.add_metric([destination], n)
-        yield metric
+            counter.add_metric([destination], n)
+        yield counter
 
 
 def registry_for(collector: PipelineCollector) -> CollectorRegistry:

@@ -6,7 +6,7 @@ import re
 from datetime import date, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel as BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: Probe (condition) names as the prompt file spells them.
 PROBE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")

@@ -44,6 +44,14 @@ def _study(session: Session, uid: str, *, lock: bool = False) -> Study:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
 
 
+def _json(model: models.BaseModel) -> Response:
+    """A model already validated on construction, serialized once (FastAPI would validate it again)."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+URGENCIES = frozenset(u.value for u in Urgency)
+
+
 def _item(request: Request, row: Row) -> models.WorklistItem:
     settings, thresholds = request.app.state.settings, request.app.state.thresholds
     study, report = row.study, row.report
@@ -59,7 +67,7 @@ def _item(request: Request, row: Row) -> models.WorklistItem:
         state=study.state,
         received_at=study.first_received_at,
         urgency=from_rank(study.priority),
-        report_urgency=report.urgency if report and report.urgency in {u.value for u in Urgency} else None,
+        report_urgency=report.urgency if report and report.urgency in URGENCIES else None,
         urgency_reason=urgency_reason(study.priority, study.urgency, report.urgency if report else None, top),
         top_probe=probes[0] if probes else None,
         probes=probes,
@@ -70,7 +78,7 @@ def _item(request: Request, row: Row) -> models.WorklistItem:
 
 
 @api.get("/worklist", response_model=models.WorklistPage, summary="The reading worklist, most urgent first")
-def worklist(
+def worklist(  
     request: Request,
     principal: Reader,
     session: Db,
@@ -82,7 +90,7 @@ def worklist(
     since: Annotated[datetime | None, Query(description="received at or after (ISO 8601, with time zone)")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
-) -> models.WorklistPage:
+) -> Response:
     if min_score is not None and probe is None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="min_score needs probe")
     if since is not None and since.tzinfo is None:
@@ -93,7 +101,7 @@ def worklist(
     except BadCursor as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
     record(session, principal, Action.WORKLIST, client=_client(request), detail=f"{len(rows)} rows")
-    return models.WorklistPage(items=[_item(request, r) for r in rows], next_cursor=next_cursor)
+    return _json(models.WorklistPage(items=[_item(request, r) for r in rows], next_cursor=next_cursor))
 
 
 @api.post("/search", response_model=models.WorklistPage, summary="Find studies by accession number or patient ID")
@@ -104,12 +112,12 @@ def search_studies(request: Request, body: models.SearchRequest, principal: Read
 
 
 @api.get("/studies/{study_uid}", response_model=models.StudyOut, summary="A study, its current draft and history")
-def get_study(request: Request, study_uid: StudyUid, principal: Reader, session: Db) -> models.StudyOut:
+def get_study(request: Request, study_uid: StudyUid, principal: Reader, session: Db) -> Response:
     study = _study(session, study_uid)
     record(session, principal, Action.STUDY, study_uid=study.study_instance_uid, client=_client(request))
     image_url = f"{request.url_for('get_image', study_uid=study.study_instance_uid, n='{n}').path}"
-    return study_detail(session, study, request.app.state.settings, request.app.state.thresholds,
-                        image_url.replace("%7Bn%7D", "{n}"))
+    return _json(study_detail(session, study, request.app.state.settings, request.app.state.thresholds,
+                              image_url.replace("%7Bn%7D", "{n}")))
 
 
 @api.get("/studies/{study_uid}/images/{n}", summary="The n-th rendered PNG, from 0", response_class=FileResponse,

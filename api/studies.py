@@ -80,7 +80,7 @@ def study_detail(session: Session, study: Study, settings: Settings, thresholds:
         probe_out(c, s, thresholds, settings, q)
         for c, s, q in session.execute(
             select(ProbeScore.condition, ProbeScore.score, ProbeScore.question)
-            .where(ProbeScore.study_id == study.id, ProbeScore.current.is_(True))
+            .where(ProbeScore.study_id == study.id, ProbeScore.current)
             .order_by(ProbeScore.score.desc())
         )
     ]
@@ -187,11 +187,11 @@ def reprocess(session: Session, study: Study) -> ReprocessResult:
 
 def add_feedback(session: Session, study: Study, body: models.FeedbackIn, token_name: str) -> Feedback:
     """Store a reader's answer on the current draft, with the probe scores they saw; the draft is never changed."""
-    report_id = session.scalar(select(Report.id).where(Report.study_id == study.id, Report.current.is_(True)))
+    report_id = session.scalar(select(Report.id).where(Report.study_id == study.id, Report.current))
     scores = {
         condition: score
         for condition, score in session.execute(
-            select(ProbeScore.condition, ProbeScore.score).where(ProbeScore.study_id == study.id, ProbeScore.current.is_(True))
+            select(ProbeScore.condition, ProbeScore.score).where(ProbeScore.study_id == study.id, ProbeScore.current)
         )
     }
     row = Feedback(study_id=study.id, report_id=report_id, token_name=token_name, verdict=body.verdict,

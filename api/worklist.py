@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Select, and_, exists, or_, select
+from sqlalchemy import Select, and_, any_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from preread.schemas.findings import Urgency
@@ -64,7 +64,28 @@ def _modality_match(modality: str):  # type: ignore[no-untyped-def]
     )
 
 
-def _filtered(query: Select, filters: Filters) -> Select:  # type: ignore[type-arg]
+#: Below this many studies matching a probe filter, the matches are fetched first and sorted (Postgres);
+#: above it, the worklist's own order is walked and each study checked (matches come soon).
+SELECTIVE_MATCHES = 3000
+
+
+def _probe_matches(filters: Filters) -> Select:  # type: ignore[type-arg]
+    """Study ids whose current score of the filter's probe is at least ``min_score`` (served by its index)."""
+    query = select(ProbeScore.study_id).where(ProbeScore.condition == filters.probe, ProbeScore.current)
+    if filters.min_score is not None:
+        query = query.where(ProbeScore.score >= filters.min_score)
+    return query
+
+
+def _selective(session: Session, filters: Filters) -> bool:
+    """Whether a probe filter matches few enough studies to fetch them first (Postgres only)."""
+    if not filters.probe or session.get_bind().dialect.name != "postgresql":
+        return False
+    capped = _probe_matches(filters).limit(SELECTIVE_MATCHES + 1).subquery()
+    return (session.scalar(select(func.count()).select_from(capped)) or 0) <= SELECTIVE_MATCHES
+
+
+def _filtered(query: Select, filters: Filters, selective: bool = False) -> Select:  # type: ignore[type-arg]
     if filters.state is not None:
         query = query.where(Study.state == str(filters.state))
     if filters.urgency is not None:
@@ -73,14 +94,11 @@ def _filtered(query: Select, filters: Filters) -> Select:  # type: ignore[type-a
         query = query.where(_modality_match(filters.modality))
     if filters.since is not None:
         query = query.where(Study.first_received_at >= filters.since)
-    if filters.probe:
-        probe = (
-            select(ProbeScore.id)
-            .where(ProbeScore.study_id == Study.id, ProbeScore.current.is_(True), ProbeScore.condition == filters.probe)
-        )
-        if filters.min_score is not None:
-            probe = probe.where(ProbeScore.score >= filters.min_score)
-        query = query.where(exists(probe))
+    if filters.probe and selective:
+        # id = ANY(ARRAY(matches)): the few matching studies by primary key, then the top of them sorted.
+        query = query.where(Study.id == any_(func.array(_probe_matches(filters).scalar_subquery())))
+    elif filters.probe:
+        query = query.where(exists(_probe_matches(filters).where(ProbeScore.study_id == Study.id)))
     return query
 
 
@@ -97,12 +115,21 @@ def _after(cursor: tuple[int, float, datetime, int]):  # type: ignore[no-untyped
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReportBrief:
+    """The current report's fields the worklist shows (not its raw output or JSON)."""
+
+    urgency: str | None
+    impression: str | None
+    parse_status: str
+
+
 @dataclass
 class Row:
     """A worklist row before it becomes the API's model."""
 
     study: Study
-    report: Report | None
+    report: ReportBrief | None
     probes: list[tuple[str, float]]
     feedback: str | None
 
@@ -110,7 +137,7 @@ class Row:
 def page(session: Session, filters: Filters, limit: int, cursor: str | None) -> tuple[list[Row], str | None]:
     """One page of the worklist and the cursor of the next (None on the last page)."""
     limit = max(1, min(limit, MAX_PAGE))
-    query = _filtered(select(Study), filters)
+    query = _filtered(select(Study), filters, _selective(session, filters))
     if cursor:
         query = query.where(_after(decode_cursor(cursor)))
     query = query.order_by(
@@ -130,15 +157,19 @@ def page(session: Session, filters: Filters, limit: int, cursor: str | None) -> 
 def rows_for(session: Session, studies: list[Study]) -> list[Row]:
     """Worklist rows for ``studies``: each with its current report, current probe scores and latest verdict."""
     ids = [s.id for s in studies]
-    reports: dict[int, Report] = {}
+    reports: dict[int, ReportBrief] = {}
     probes: dict[int, list[tuple[str, float]]] = {i: [] for i in ids}
     verdicts: dict[int, str] = {}
     if ids:
-        for report in session.scalars(select(Report).where(Report.study_id.in_(ids), Report.current.is_(True))):
-            reports[report.study_id] = report
+        for study_id, urgency, impression, parse_status in session.execute(
+            select(Report.study_id, Report.urgency, Report.impression, Report.parse_status).where(
+                Report.study_id.in_(ids), Report.current
+            )
+        ):
+            reports[study_id] = ReportBrief(urgency, impression, parse_status)
         for study_id, condition, score in session.execute(
             select(ProbeScore.study_id, ProbeScore.condition, ProbeScore.score).where(
-                ProbeScore.study_id.in_(ids), ProbeScore.current.is_(True)
+                ProbeScore.study_id.in_(ids), ProbeScore.current
             )
         ):
             probes[study_id].append((condition, score))

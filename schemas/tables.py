@@ -286,12 +286,12 @@ class ProbeScore(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (
-        #: The worklist's probe filter: a study's current score for one condition.
+        #: The worklist's probe filter: current scores of one condition, highest first.
         Index(
             "ix_probe_scores_current_condition",
-            "study_id",
             "condition",
             "score",
+            "study_id",
             postgresql_where=text("current"),
             sqlite_where=text("current"),
         ),

@@ -32,7 +32,7 @@ def upgrade() -> None:
     with op.batch_alter_table("probe_scores", schema=None) as batch_op:
         batch_op.create_index(
             "ix_probe_scores_current_condition",
-            ["study_id", "condition", "score"],
+            ["condition", "score", "study_id"],
             unique=False,
             postgresql_where=sa.text("current"),
             sqlite_where=sa.text("current"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -12,7 +13,7 @@ from sqlalchemy import create_engine, func, select, update
 from preread.schemas.findings import Urgency
 from preread.schemas.tables import AuditEvent, Feedback, Heartbeat, Outbox, ProbeScore, Report, Study, utcnow
 from tests.api.conftest import PHI, Stack
-from tests.support.procs import wait_until
+from tests.support.procs import Proc, base_env, free_port, preread_argv, wait_until
 
 RANK = {u.value: u.rank for u in Urgency}
 
@@ -303,3 +304,25 @@ def test_reprocess_queues_once_and_keeps_history(stack: Stack) -> None:
                 AuditEvent.study_instance_uid == uid, AuditEvent.action == "reprocess")).scalar_one()
         assert fb == len(before["feedback"]) and audit == 2
     engine.dispose()
+
+
+def test_open_to_lets_scrapers_in_and_nothing_else(stack: Stack) -> None:
+    port = free_port()
+    settings = dict(stack.settings, api_port=port, api_open_to="127.0.0.1/32")
+    proc = Proc(preread_argv("api"), base_env(**settings), stack.workdir / "api-open.log").start()
+    stack.extra.append(proc)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 120, what="the second API")
+    assert httpx.get(f"{url}/metrics").status_code == 200
+    assert httpx.get(f"{url}/readyz").status_code in (200, 503)
+    assert httpx.get(f"{url}/api/v1/worklist").status_code == 401, "open addresses see metrics, not patients"
+    proc.stop()
+
+
+def test_api_start_errors_are_one_line_exit_2(stack: Stack) -> None:
+    busy = stack.run("api", "--port", stack.url.rsplit(":", 1)[1])
+    assert busy.returncode == 2
+    assert "PREREAD_API_PORT" in busy.stderr and "Traceback" not in busy.stderr
+    bad = subprocess.run(preread_argv("api"), env=base_env(**dict(stack.settings, api_port=free_port(), api_open_to="not-a-net")),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "PREREAD_API_OPEN_TO" in bad.stderr and "Traceback" not in bad.stderr
