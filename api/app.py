@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -82,8 +82,9 @@ def create_app(settings: Settings) -> FastAPI:
         title="infimed-preread reading queue",
         version="1",
         description="Drafted pre-reads for radiologists: worklist, studies, feedback, quality, health and metrics.",
-        docs_url="/docs",
+        docs_url=None,  # served below, behind a token like everything but /healthz
         redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings = settings
     app.state.sessions = sessionmaker(engine_for(settings.effective_database_url), expire_on_commit=False)
@@ -93,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.include_router(api)
     app.include_router(ops)
+    _add_docs(app)
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_exception_handler(RequestValidationError, _validation_errors)
@@ -105,6 +107,24 @@ def create_app(settings: Settings) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """OpenAPI schema and Swagger UI at /openapi.json and /docs, for any valid token or dashboard session."""
+    from fastapi import Depends
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    from preread.api.auth import SCRAPERS, require
+
+    allowed = Depends(require(SCRAPERS))
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[allowed])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[allowed])
+    def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="infimed-preread API")
 
 
 def _queue_depths(settings: Settings):  # type: ignore[no-untyped-def]

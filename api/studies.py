@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from preread.api import models
 from preread.api.urgency import from_rank, urgency_reason
@@ -70,11 +70,17 @@ def reprocess_pending(session: Session, study: Study) -> bool:
 def study_detail(session: Session, study: Study, settings: Settings, thresholds: dict[str, ProbeThreshold],
                  image_url: str) -> models.StudyOut:
     """Everything the study page shows."""
-    series_count = session.scalar(select(func.count()).select_from(Series).where(Series.study_id == study.id)) or 0
-    instance_count = session.scalar(
-        select(func.count()).select_from(Instance).join(Series, Instance.series_id == Series.id).where(Series.study_id == study.id)
-    ) or 0
-    reports = list(session.scalars(select(Report).where(Report.study_id == study.id).order_by(Report.id.desc())))
+    series_count, instance_count = session.execute(
+        select(func.count(func.distinct(Series.id)), func.count(Instance.id))
+        .select_from(Series)
+        .outerjoin(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study.id)
+    ).one()
+    reports = list(
+        session.scalars(
+            select(Report).where(Report.study_id == study.id).order_by(Report.id.desc()).options(selectinload(Report.findings))
+        )
+    )
     current = next((r for r in reports if r.current), None)
     probes = [
         probe_out(c, s, thresholds, settings, q)

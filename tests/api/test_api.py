@@ -112,7 +112,7 @@ def test_worklist_filters(stack: Stack) -> None:
 def test_auth_and_roles(stack: Stack) -> None:
     uid = stack.studies["routine"]
     assert httpx.get(f"{stack.url}/healthz").status_code == 200
-    for path in ("/api/v1/worklist", f"/api/v1/studies/{uid}", "/api/v1/quality", "/metrics", "/readyz"):
+    for path in ("/api/v1/worklist", f"/api/v1/studies/{uid}", "/api/v1/quality", "/metrics", "/readyz", "/docs", "/openapi.json"):
         response = httpx.get(stack.url + path)
         assert response.status_code == 401, path
         assert response.headers["www-authenticate"] == "Bearer"
@@ -121,6 +121,10 @@ def test_auth_and_roles(stack: Stack) -> None:
     with stack.client("read") as reader:
         assert reader.post(f"/api/v1/studies/{uid}/feedback", json={"verdict": "accept"}).status_code == 403
         assert reader.post(f"/api/v1/studies/{uid}/reprocess").status_code == 403
+    with stack.client("read") as reader:
+        schema = reader.get("/openapi.json").json()
+        assert "/api/v1/worklist" in schema["paths"] and "/api/v1/studies/{study_uid}/feedback" in schema["paths"]
+        assert reader.get("/docs").status_code == 200
     with stack.client("worker") as worker:
         assert worker.get("/api/v1/worklist").status_code == 403, "a worker token sees no patient data"
         assert worker.get("/metrics").status_code == 200

@@ -38,6 +38,16 @@ def _shot(page, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-d
     page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=False)
 
 
+def _fits_a_laptop(page, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    """At 1366x768 the page needs no sideways scrolling; then back to the reading-room screen."""
+    page.set_viewport_size({"width": 1366, "height": 768})
+    page.wait_for_timeout(200)
+    _shot(page, tmp_path, f"{name}-laptop")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    page.set_viewport_size({"width": 1920, "height": 1080})
+    assert width <= 1366, f"{name} page is {width}px wide on a 1366px laptop screen"
+
+
 def test_read_and_answer_a_draft(stack: Stack, page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     with stack.client("write") as api:
         expected = [i["study_instance_uid"] for i in api.get("/api/v1/worklist").json()["items"]]
@@ -62,6 +72,7 @@ def test_read_and_answer_a_draft(stack: Stack, page, tmp_path: Path) -> None:  #
     ranks = [RANK[u.strip().lower()] for u in urgencies]
     assert ranks == sorted(ranks, reverse=True), "most urgent first"
     assert page.locator("#worklist tbody tr .bar").count() > 0, "probe scores as bars"
+    _fits_a_laptop(page, tmp_path, "worklist")
 
     # A cookie session cannot be used cross-site: a POST without the page's CSRF value is refused.
     uid = stack.studies["stat"]
@@ -81,6 +92,7 @@ def test_read_and_answer_a_draft(stack: Stack, page, tmp_path: Path) -> None:  #
     assert page.locator("#probes .probe").count() == len(study["probes"])
     assert page.locator("#impression").inner_text().strip() == (study["report"]["impression"] or "—")
     _shot(page, tmp_path, "study")
+    _fits_a_laptop(page, tmp_path, "study")
 
     # Reject with an edit and a probe label.
     page.click("button[data-verdict=reject]")
