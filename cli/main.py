@@ -7,6 +7,8 @@ import os
 
 import typer
 
+from preread.cli.api import api
+from preread.cli.audit import audit
 from preread.cli.db import db_app
 from preread.cli.draft import draft
 from preread.cli.export import export
@@ -15,6 +17,7 @@ from preread.cli.render import render as render_command
 from preread.cli.retry import retry
 from preread.cli.run import coordinate, run
 from preread.cli.status import status
+from preread.cli.token import token_app
 from preread.cli.worker import worker
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="infimed-preread: DICOM in, draft pre-reads out.")
@@ -28,6 +31,9 @@ app.command("listen")(listen)
 app.command("render")(render_command)
 app.command("retry")(retry)
 app.command("export")(export)
+app.command("api")(api)
+app.add_typer(token_app, name="token")
+app.command("audit")(audit)
 
 
 def main() -> None:

@@ -105,12 +105,16 @@ def run(
         ("listener", ["listen"]),
         ("render-worker", ["worker", "--queues", "render", "--concurrency", str(render_workers)]),
         ("infer-worker", ["worker", "--queues", "infer,export", "--concurrency", str(infer_threads)]),
+        ("api", ["api"]),  # the reading queue's API and dashboard
     ]
     children = [
         Child(name, exe + args, logs / f"{name}.log" if logs else None)
         for name, args in roles
         if listen or name != "listener"
     ]
+    from preread.api.bootstrap import dashboard_banner
+
+    console.print(dashboard_banner(settings), highlight=False, soft_wrap=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())

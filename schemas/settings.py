@@ -226,6 +226,20 @@ class Settings(BaseSettings):
             return (init_settings, env_settings)
         return (init_settings, env_settings, SettingsFile(settings_cls, Path(path).expanduser()))
 
+    # --- reading queue (HTTP API and dashboard) -------------------------------------------
+    api_host: str = Field("127.0.0.1", description="Address the API binds (loopback unless configured otherwise).")
+    api_port: int = Field(8080, description="TCP port of the API and dashboard.")
+    api_open_to: str | None = Field(
+        None, description="Comma-separated addresses or networks that may read /metrics and /readyz without a token."
+    )
+    api_max_body: int = Field(64 * 1024, description="Largest request body the API accepts, in bytes.")
+    api_tls_cert: Path | None = Field(None, description="PEM certificate: the API serves HTTPS when set (with api_tls_key).")
+    api_tls_key: Path | None = Field(None, description="PEM private key of api_tls_cert.")
+    api_cors_origins: str | None = Field(None, description="Comma-separated origins allowed by CORS; default none (off).")
+    viewer_url: str | None = Field(
+        None, description="The site viewer's study link, e.g. 'https://pacs/viewer?study={study_uid}'."
+    )
+
     @field_validator("ae_title")
     @classmethod
     def _ae_title_valid(cls, value: str) -> str:

@@ -109,6 +109,10 @@ class Study(Base):
     accession_number: Mapped[str | None] = mapped_column(String(16))
     #: Stored for matching results back to the RIS; never logged or prompted.
     patient_id: Mapped[str | None] = mapped_column(String(64))
+    #: Identity for the reading queue (shown to authenticated readers only); never logged or prompted.
+    patient_name: Mapped[str | None] = mapped_column(String(200))
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_birth_date: Mapped[date | None] = mapped_column(Date)
     patient_age: Mapped[str | None] = mapped_column(String(4))
     patient_sex: Mapped[str | None] = mapped_column(String(16))
     study_date: Mapped[date | None] = mapped_column(Date)
@@ -121,6 +125,8 @@ class Study(Base):
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     urgency: Mapped[str | None] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Highest current probe score (0 when none): the worklist's second sort key, kept beside the study for speed.
+    top_probe_score: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
 
@@ -136,6 +142,8 @@ class Study(Base):
     __table_args__ = (
         Index("ix_studies_state_changed", "state", "state_changed_at"),
         Index("ix_studies_last_received_at", "last_received_at"),
+        #: The reading worklist's order: urgency rank, highest probe score (both scanned backwards), arrival.
+        Index("ix_studies_worklist", "priority", "top_probe_score", "first_received_at", "id"),
     )
 
 
@@ -277,6 +285,18 @@ class ProbeScore(Base):
     prompt_version: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
+    __table_args__ = (
+        #: The worklist's probe filter: current scores of one condition, highest first.
+        Index(
+            "ix_probe_scores_current_condition",
+            "condition",
+            "score",
+            "study_id",
+            postgresql_where=text("current"),
+            sqlite_where=text("current"),
+        ),
+    )
+
 
 class Outbox(Base):
     """A message to publish, written in the same transaction as the state change."""
@@ -342,3 +362,59 @@ class Heartbeat(Base):
         Index("uq_heartbeats_process", "role", "host", "pid", unique=True),
         Index("ix_heartbeats_last_seen", "last_seen"),
     )
+
+
+class ApiRole(enum.StrEnum):
+    """What an API token may do: read the queue, answer it, administer, or scrape health and metrics."""
+
+    READ = "read"
+    WRITE = "write"
+    ADMIN = "admin"
+    WORKER = "worker"
+
+
+class ApiToken(Base):
+    """A named API token: only a hash of its secret is stored; revoked tokens stay for the audit trail."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    #: The public part of the token, used to find its row before the secret is compared.
+    key: Mapped[str] = mapped_column(String(16), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AuditEvent(Base):
+    """Who viewed or answered what, when, from where (no patient data beyond the study UID)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    token_name: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    client: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(String(255))
+
+
+class Feedback(Base):
+    """A reader's verdict on a draft, with probe labels; the draft itself is never changed."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id", ondelete="SET NULL"), index=True)
+    token_name: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str | None] = mapped_column(Text)
+    #: {probe: true|false} as the reader judged the images.
+    labels: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    #: The probe scores the reader saw, so quality figures survive a reprocess.
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -134,6 +134,16 @@ def int_attribute(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+def _person_name(ds: Dataset) -> str | None:
+    """Patient's Name as DICOM writes it (``Family^Given``); a PersonName is not a list of values."""
+    try:
+        value = ds.get("PatientName")
+    except Exception:
+        return None
+    text = str(value).strip() if value is not None else ""
+    return text[:200] or None
+
+
 def _date(ds: Dataset, keyword: str) -> date | None:
     raw = _text(ds, keyword, 16)
     if not raw:
@@ -255,6 +265,9 @@ def upsert_study(session: Session, ds: Dataset, ident: InstanceIdentity, source:
         study_instance_uid=ident.study_uid,
         accession_number=_text(ds, "AccessionNumber", 16),
         patient_id=_text(ds, "PatientID", 64),
+        patient_name=_person_name(ds),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
+        patient_birth_date=_date(ds, "PatientBirthDate"),
         patient_age=_text(ds, "PatientAge", 4),
         patient_sex=_text(ds, "PatientSex", 16),
         study_date=_date(ds, "StudyDate"),

@@ -13,7 +13,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from preread.schemas.findings import DraftReport
-from preread.schemas.tables import Finding, ProbeScore, Report
+from preread.schemas.tables import Finding, ProbeScore, Report, Study
 
 if TYPE_CHECKING:
     from preread.worker.inference.engine import DraftResult, ProbeResult
@@ -91,4 +91,7 @@ def save_probes(session: Session, study_id: int, probes: Sequence[ProbeResult], 
         )
         for p in probes
     )
+    # The worklist sorts on the highest current score: kept on the study row, in the same transaction.
+    top = max((float(p.score) for p in probes), default=0.0)
+    session.execute(update(Study).where(Study.id == study_id).values(top_probe_score=top))
     session.flush()

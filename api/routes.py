@@ -1,0 +1,175 @@
+"""The JSON API under /api/v1, plus /healthz, /readyz and /metrics."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi.responses import FileResponse, JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.orm import Session
+
+from preread.api import models
+from preread.api.audit import Action, record
+from preread.api.auth import READERS, WRITERS, db_session, require, scraper
+from preread.api.health import readiness
+from preread.api.quality import quality
+from preread.api.studies import BadUid, NoStudy, add_feedback, find_study, image_path, probe_out, reprocess, search, study_detail
+from preread.api.tokens import Principal
+from preread.api.urgency import from_rank, urgency_reason
+from preread.api.worklist import BadCursor, Filters, Row, page, rows_for
+from preread.schemas.findings import Urgency
+from preread.schemas.tables import Study, StudyState
+
+api = APIRouter(prefix="/api/v1")
+ops = APIRouter()
+
+Reader = Annotated[Principal, Depends(require(READERS))]
+Writer = Annotated[Principal, Depends(require(WRITERS))]
+Db = Annotated[Session, Depends(db_session, scope="function")]
+StudyUid = Annotated[str, "a Study Instance UID"]
+
+
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _study(session: Session, uid: str, *, lock: bool = False) -> Study:
+    try:
+        return find_study(session, uid, lock=lock)
+    except BadUid as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+    except NoStudy as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
+
+
+def _json(model: models.BaseModel) -> Response:
+    """A model already validated on construction, serialized once (FastAPI would validate it again)."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+URGENCIES = frozenset(u.value for u in Urgency)
+
+
+def _item(request: Request, row: Row) -> models.WorklistItem:
+    settings, thresholds = request.app.state.settings, request.app.state.thresholds
+    study, report = row.study, row.report
+    probes = [probe_out(c, s, thresholds, settings) for c, s in row.probes]
+    top = row.probes[0] if row.probes else None
+    return models.WorklistItem(
+        study_instance_uid=study.study_instance_uid,
+        accession_number=study.accession_number,
+        patient_name=study.patient_name,
+        patient_id=study.patient_id,
+        modality=(study.modalities or "").split("\\")[0] or None,
+        study_description=study.study_description,
+        state=study.state,
+        received_at=study.first_received_at,
+        urgency=from_rank(study.priority),
+        report_urgency=report.urgency if report and report.urgency in URGENCIES else None,
+        urgency_reason=urgency_reason(study.priority, study.urgency, report.urgency if report else None, top),
+        top_probe=probes[0] if probes else None,
+        probes=probes,
+        impression=report.impression if report else None,
+        parse_status=report.parse_status if report else None,
+        feedback=row.feedback,  # type: ignore[arg-type]
+    )
+
+
+@api.get("/worklist", response_model=models.WorklistPage, summary="The reading worklist, most urgent first")
+def worklist(  
+    request: Request,
+    principal: Reader,
+    session: Db,
+    state: StudyState | None = None,
+    urgency: Urgency | None = None,
+    modality: Annotated[str | None, Query(pattern=r"^[A-Z]{1,16}$", description="e.g. CT, CR")] = None,
+    probe: Annotated[str | None, Query(pattern=r"^[a-z][a-z0-9_]{0,63}$")] = None,
+    min_score: Annotated[float | None, Query(ge=0.0, le=1.0, description="with probe: its current score at least this")] = None,
+    since: Annotated[datetime | None, Query(description="received at or after (ISO 8601, with time zone)")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> Response:
+    if min_score is not None and probe is None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="min_score needs probe")
+    if since is not None and since.tzinfo is None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="since needs a time zone, e.g. 2026-01-01T00:00:00Z")
+    filters = Filters(state=state, urgency=urgency, modality=modality, probe=probe, min_score=min_score, since=since)
+    try:
+        rows, next_cursor = page(session, filters, limit, cursor)
+    except BadCursor as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+    record(session, principal, Action.WORKLIST, client=_client(request), detail=f"{len(rows)} rows")
+    return _json(models.WorklistPage(items=[_item(request, r) for r in rows], next_cursor=next_cursor))
+
+
+@api.post("/search", response_model=models.WorklistPage, summary="Find studies by accession number or patient ID")
+def search_studies(request: Request, body: models.SearchRequest, principal: Reader, session: Db) -> models.WorklistPage:
+    studies = search(session, body)
+    record(session, principal, Action.SEARCH, client=_client(request), detail=f"{len(studies)} found")
+    return models.WorklistPage(items=[_item(request, r) for r in rows_for(session, studies)], next_cursor=None)
+
+
+@api.get("/studies/{study_uid}", response_model=models.StudyOut, summary="A study, its current draft and history")
+def get_study(request: Request, study_uid: StudyUid, principal: Reader, session: Db) -> Response:
+    study = _study(session, study_uid)
+    record(session, principal, Action.STUDY, study_uid=study.study_instance_uid, client=_client(request))
+    image_url = f"{request.url_for('get_image', study_uid=study.study_instance_uid, n='{n}').path}"
+    return _json(study_detail(session, study, request.app.state.settings, request.app.state.thresholds,
+                              image_url.replace("%7Bn%7D", "{n}")))
+
+
+@api.get("/studies/{study_uid}/images/{n}", summary="The n-th rendered PNG, from 0", response_class=FileResponse,
+         responses={200: {"content": {"image/png": {}}}})
+def get_image(request: Request, study_uid: StudyUid, n: int, principal: Reader, session: Db) -> FileResponse:
+    study = _study(session, study_uid)
+    try:
+        path = image_path(session, study, n)
+    except NoStudy as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
+    record(session, principal, Action.IMAGE, study_uid=study.study_instance_uid, client=_client(request), detail=f"image {n}")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+@api.post("/studies/{study_uid}/reprocess", status_code=status.HTTP_202_ACCEPTED, response_model=models.ReprocessOut,
+          summary="Render and draft the study again; earlier reports are kept")
+def reprocess_study(request: Request, study_uid: StudyUid, principal: Writer, session: Db) -> models.ReprocessOut:
+    study = _study(session, study_uid, lock=True)
+    result = reprocess(session, study)
+    record(session, principal, Action.REPROCESS, study_uid=study.study_instance_uid, client=_client(request),
+           detail="queued" if result.queued else "already pending")
+    return models.ReprocessOut(queued=result.queued, detail=result.detail)
+
+
+@api.post("/studies/{study_uid}/feedback", status_code=status.HTTP_201_CREATED, response_model=models.FeedbackOut,
+          summary="A reader's verdict and probe labels; the draft is never changed")
+def post_feedback(request: Request, study_uid: StudyUid, body: models.FeedbackIn, principal: Writer, session: Db) -> models.FeedbackOut:
+    study = _study(session, study_uid)
+    row = add_feedback(session, study, body, principal.name)
+    record(session, principal, Action.FEEDBACK, study_uid=study.study_instance_uid, client=_client(request), detail=body.verdict)
+    return models.FeedbackOut(id=row.id, report_id=row.report_id, token_name=row.token_name, verdict=body.verdict,
+                              text=row.text, labels=body.labels, created_at=row.created_at)
+
+
+@api.get("/quality", response_model=models.QualityOut, summary="Probe accuracy and verdicts from the readers' feedback")
+def get_quality(request: Request, principal: Reader, session: Db) -> models.QualityOut:
+    return quality(session, request.app.state.settings, request.app.state.thresholds)
+
+
+@ops.get("/healthz", summary="The API process is up (no token needed)")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@ops.get("/readyz", response_model=models.Readiness, summary="Database, broker and pipeline processes",
+         responses={503: {"model": models.Readiness}})
+def readyz(request: Request, session: Db, principal: Annotated[Principal, Depends(scraper)]) -> JSONResponse:
+    result = readiness(session, request.app.state.settings)
+    code = status.HTTP_200_OK if result.ready else status.HTTP_503_SERVICE_UNAVAILABLE
+    return JSONResponse(result.model_dump(mode="json"), status_code=code)
+
+
+@ops.get("/metrics", summary="Prometheus metrics of the whole pipeline", response_class=Response)
+def metrics(request: Request, principal: Annotated[Principal, Depends(scraper)]) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
