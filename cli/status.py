@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
+from preread.cli.sweep import status_lines as sweep_status_lines
 from preread.schemas.settings import get_settings
 from preread.worker.pipeline.status import PipelineStatus, snapshot
 
@@ -40,3 +41,5 @@ def status() -> None:
     settings = get_settings()
     upgrade(settings.effective_database_url)
     Console().print(render_status(snapshot(settings, app)))
+    for line in sweep_status_lines(settings):  # archive sweeps (cli/sweep.py)
+        Console().print(line, highlight=False)

@@ -1,0 +1,185 @@
+"""Bringing one study here: C-MOVE to our listener, C-GET, WADO-RS, or copying a folder's files.
+
+Every way ends with the instances in the listener's storage and index; the
+runner then counts what arrived (:func:`ledger.received_count`) rather than
+trusting the peer's sub-operation counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import requests
+from pydicom.dataset import Dataset
+from pynetdicom import AllStoragePresentationContexts, build_role, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from preread.ingest.listener.ae import TRANSFER_SYNTAXES, IngestContext, handle_store
+from preread.ingest.sweep.dimse import QRStatus, SourceUnavailable, associate, slots, where
+from preread.ingest.sweep.query import HTTP_TIMEOUT, FolderQuery, http_session
+from preread.ingest.sweep.sources import DicomSource, DicomWebSource, FolderSource, Retrieve
+from preread.ingest.sweep.store import store_part10
+
+log = logging.getLogger(__name__)
+
+#: Most storage SOP classes offered on a C-GET association (128 contexts at most, one is the Get model).
+GET_STORAGE_CONTEXTS = 127
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieved:
+    """What the peer said of a retrieve: sub-operations completed, failed, warned; final status."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    status: int = QRStatus.SUCCESS
+
+
+class Retriever(Protocol):
+    """Brings one study's instances into the listener's storage and index."""
+
+    def retrieve(self, study_uid: str) -> Retrieved: ...
+
+
+def _subops(status: Dataset) -> tuple[int, int, int]:
+    return (
+        int(status.get("NumberOfCompletedSuboperations", 0) or 0),
+        int(status.get("NumberOfFailedSuboperations", 0) or 0),
+        int(status.get("NumberOfWarningSuboperations", 0) or 0),
+    )
+
+
+def _identifier(study_uid: str) -> Dataset:
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study_uid
+    return ident
+
+
+class DicomRetrieve:
+    """C-MOVE to ``move_destination`` (default this listener's AE title), or C-GET into our storage."""
+
+    def __init__(self, source: DicomSource, calling_ae: str, our_ae: str, ctx: IngestContext | None) -> None:
+        self.source = source
+        self.calling_ae = calling_ae
+        self.destination = source.move_destination or our_ae
+        self.ctx = ctx
+
+    def retrieve(self, study_uid: str) -> Retrieved:
+        """Run the C-MOVE or C-GET of one study to its final status."""
+        if self.source.retrieve == Retrieve.C_GET:
+            return self._get(study_uid)
+        return self._move(study_uid)
+
+    def _final(self, responses: Any, what: str) -> Retrieved:
+        result = Retrieved()
+        for status, _ident in responses:
+            if status is None or "Status" not in status:
+                raise RuntimeError(f"source {self.source.name!r}: {what} got no response (timeout or abort)")
+            code = int(status.Status)
+            completed, failed, warning = _subops(status)
+            result = Retrieved(completed, failed, warning, code)
+            if code == QRStatus.MOVE_DESTINATION_UNKNOWN:
+                raise SourceUnavailable(
+                    f"source {self.source.name!r}: {where(self.source)} does not know the move destination "
+                    f"{self.destination!r} (status 0xA801); add AE {self.destination!r} with this listener's host and "
+                    "port (PREREAD_PORT) to the PACS's DICOM peers, or set retrieve = \"c-get\" in [[sources]]"
+                )
+        return result
+
+    def _move(self, study_uid: str) -> Retrieved:
+        with associate(self.source, self.calling_ae, [(StudyRootQueryRetrieveInformationModelMove, None)]) as assoc:
+            responses = assoc.send_c_move(_identifier(study_uid), self.destination, StudyRootQueryRetrieveInformationModelMove)
+            return self._final(responses, "C-MOVE")
+
+    def _get(self, study_uid: str) -> Retrieved:
+        if self.ctx is None:
+            raise RuntimeError("C-GET needs an ingest context")
+        storage = AllStoragePresentationContexts[:GET_STORAGE_CONTEXTS]
+        contexts: list[tuple[str, list[str] | None]] = [(StudyRootQueryRetrieveInformationModelGet, None)]
+        contexts += [(str(c.abstract_syntax), TRANSFER_SYNTAXES) for c in storage]
+        roles = [build_role(str(c.abstract_syntax), scp_role=True) for c in storage]
+        handlers = [(evt.EVT_C_STORE, handle_store, [self.ctx])]
+        with associate(self.source, self.calling_ae, contexts, roles=roles, handlers=handlers) as assoc:
+            responses = assoc.send_c_get(_identifier(study_uid), StudyRootQueryRetrieveInformationModelGet)
+            return self._final(responses, "C-GET")
+
+
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+
+def multipart_parts(content_type: str, body: bytes) -> list[bytes]:
+    """The bodies of a ``multipart/related`` response."""
+    match = _BOUNDARY.search(content_type)
+    if not match:
+        raise ValueError("multipart response without a boundary")
+    delimiter = b"--" + match.group(1).encode()
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, sep, payload = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        parts.append(payload[:-2] if payload.endswith(b"\r\n") else payload)
+    return parts
+
+
+class WebRetrieve:
+    """WADO-RS of a whole study, each part stored through the listener's path."""
+
+    def __init__(self, source: DicomWebSource, ctx: IngestContext) -> None:
+        self.source = source
+        self.ctx = ctx
+        self.session = http_session(source)
+
+    def retrieve(self, study_uid: str) -> Retrieved:
+        """GET the study as multipart DICOM; store every part."""
+        with slots(self.source.name, self.source.max_associations):
+            try:
+                response = self.session.get(
+                    f"{self.source.url}/studies/{study_uid}",
+                    headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+                    timeout=HTTP_TIMEOUT,
+                )
+            except requests.RequestException as exc:
+                raise RuntimeError(f"source {self.source.name!r}: WADO-RS failed ({type(exc).__name__})") from None
+        if response.status_code == 404:
+            return Retrieved(status=QRStatus.SUCCESS)
+        response.raise_for_status()
+        completed = failed = 0
+        for part in multipart_parts(response.headers.get("Content-Type", ""), response.content):
+            try:
+                store_part10(self.ctx, part)
+                completed += 1
+            except (ValueError, OSError) as exc:
+                failed += 1
+                log.warning("source %s: a WADO-RS part of study %s not kept: %s", self.source.name, study_uid, exc)
+        return Retrieved(completed, failed)
+
+
+class FolderRetrieve:
+    """Copies a folder study's files into the listener's storage and index."""
+
+    def __init__(self, query: FolderQuery, ctx: IngestContext) -> None:
+        self.query = query
+        self.ctx = ctx
+
+    def retrieve(self, study_uid: str) -> Retrieved:
+        """Store every file of the study."""
+        completed = failed = 0
+        for path in self.query.files(study_uid):
+            try:
+                store_part10(self.ctx, path.read_bytes())
+                completed += 1
+            except (ValueError, OSError) as exc:
+                failed += 1
+                log.warning("folder source: %s not kept: %s", path.name, exc)
+        return Retrieved(completed, failed)
