@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import requests
 from pydicom.dataset import Dataset
 from pynetdicom import AllStoragePresentationContexts, build_role, evt
+from pynetdicom.status import STATUS_FAILURE, code_to_category
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -71,6 +72,9 @@ class DicomRetrieve:
         self.calling_ae = calling_ae
         self.destination = source.move_destination or our_ae
         self.ctx = ctx
+        #: C-MOVEs refused with nothing moved before any study moved (a PACS that does not know our AE title)
+        self.refusals = 0
+        self.moved_any = False
 
     def retrieve(self, study_uid: str) -> Retrieved:
         """Run the C-MOVE or C-GET of one study to its final status."""
@@ -87,12 +91,24 @@ class DicomRetrieve:
             completed, failed, warning = _subops(status)
             result = Retrieved(completed, failed, warning, code)
             if code == QRStatus.MOVE_DESTINATION_UNKNOWN:
-                raise SourceUnavailable(
-                    f"source {self.source.name!r}: {where(self.source)} does not know the move destination "
-                    f"{self.destination!r} (status 0xA801); add AE {self.destination!r} with this listener's host and "
-                    "port (PREREAD_PORT) to the PACS's DICOM peers, or set retrieve = \"c-get\" in [[sources]]"
-                )
+                raise SourceUnavailable(self._destination_hint(code, "does not know"))
+        if completed:
+            self.moved_any = True
+        elif what == "C-MOVE" and code_to_category(result.status) == STATUS_FAILURE and not self.moved_any:
+            # Some PACS (Orthanc: 0xC000) answer a general failure for an unknown destination: two such refusals
+            # before anything ever moved are taken as that, and stop the sweep with the fix.
+            self.refusals += 1
+            if self.refusals >= 2:
+                raise SourceUnavailable(self._destination_hint(result.status, "refused to move anything to"))
+            raise RuntimeError(f"C-MOVE failed with status 0x{result.status:04X}, nothing moved")
         return result
+
+    def _destination_hint(self, code: int, verb: str) -> str:
+        return (
+            f"source {self.source.name!r}: {where(self.source)} {verb} the move destination {self.destination!r} "
+            f"(status 0x{code:04X}); add AE {self.destination!r} with this listener's host and port (PREREAD_PORT) "
+            "to the PACS's DICOM peers, or set retrieve = \"c-get\" in [[sources]]"
+        )
 
     def _move(self, study_uid: str) -> Retrieved:
         with associate(self.source, self.calling_ae, [(StudyRootQueryRetrieveInformationModelMove, None)]) as assoc:
