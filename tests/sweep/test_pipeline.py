@@ -122,3 +122,39 @@ def test_coordinator_killed_mid_sweep_resumes_and_drafts_every_study_once(
     assert len(instances) == 12 and len({p for _, p in instances}) == 12, "no SOP instance stored twice"
     states = query(pg_url, select(Study.state))
     assert [s for (s,) in states] == [StudyState.DRAFTED] * 6
+
+
+def test_a_live_study_is_drafted_before_the_sweeps_remaining_studies(
+    tmp_path: Path, pg_url: str, redis_server: RedisServer, tiny_model_dir: Path  # noqa: F811
+) -> None:
+    from tests.support.procs import storescu
+
+    swept = [make_study(tmp_path / "in", DAY1, hour=6 + i) for i in range(6)]
+    live_uid, live_files = make_study(tmp_path / "live", DAY2)
+    with processes() as started:
+        pipe = Pipeline(tmp_path, pg_url, redis_server.url, tiny_model_dir, started)
+        orthanc = Orthanc(tmp_path, peers={"PREREAD": ("127.0.0.1", pipe.port)})
+        orthanc.start()
+        try:
+            orthanc.upload([f for _, files in swept for f in files])
+            pipe.env["PREREAD_CONFIG_FILE"] = str(sources_file(tmp_path, orthanc, max_in_flight=1, max_associations=1))
+            pipe.full()
+            created = sweep_cli(pipe, "run", "pacs", "--from", DAY1.isoformat(), "--to", DAY1.isoformat(), "--detach")
+            assert created.returncode == 0, created.stderr
+            drafted = select(func.count()).select_from(Report)
+            wait_until(lambda: query(pg_url, drafted)[0][0] >= 1, 300, what="a first sweep study drafted")
+            drafted_before = query(pg_url, drafted)[0][0]
+            sent = storescu(pipe.port, live_files)
+            assert sent.returncode == 0, sent.stderr
+            done = select(Sweep.state).where(Sweep.id == int(created.stdout.strip()))
+            try:
+                wait_until(lambda: query(pg_url, done)[0][0] == "done", 600, what="the sweep done")
+                wait_until(lambda: reports_by_uid(pg_url).get(live_uid) == (1, 1), 300, what="the live study drafted")
+            except AssertionError:
+                raise AssertionError(pipe.logs()) from None
+        finally:
+            orthanc.stop()
+    times = dict(query(pg_url, select(Study.study_instance_uid, Report.created_at).join(Report, Report.study_id == Study.id)))
+    after_live = [uid for uid, _ in swept if times[uid] > times[live_uid]]
+    # at most max_in_flight (1) sweep study waits in the pipeline, and one more may be retrieving, when the live one arrives
+    assert len(after_live) >= 6 - drafted_before - 2 and after_live, (drafted_before, len(after_live))
