@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from preread.schemas.settings import get_settings
 
@@ -20,7 +19,7 @@ ENDED = ("done", "cancelled", "failed")
 
 def _fail(message: str) -> None:
     """An operator error: one line, exit code 2."""
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"error: {message}", highlight=False, markup=False)
     raise typer.Exit(2)
 
 
@@ -79,9 +78,7 @@ def _dry_run(source_name: str, start: date, end: date, modalities: list[str], fo
         _fail(str(exc))
         raise
     query, _ = clients(source, settings, None) if source.kind == "dicom" else clients(source, settings, _no_store())
-    table = Table(title=f"would retrieve from {source_name}", show_edge=False)
-    for col in ("study date", "Study Instance UID", "modalities", "instances"):
-        table.add_column(col)
+    typer.echo(f"would retrieve from {source_name} (study date, Study Instance UID, modalities, instances):")
     total = skipped = 0
     try:
         day = start
@@ -94,14 +91,12 @@ def _dry_run(source_name: str, start: date, end: date, modalities: list[str], fo
                 if s.study_uid in drafted:
                     skipped += 1
                     continue
-                table.add_row(str(s.study_date), s.study_uid, s.modalities, str(len(query.count_instances(s.study_uid))))
+                typer.echo(f"{s.study_date} {s.study_uid} {s.modalities or '-'} {len(query.count_instances(s.study_uid))}")
                 total += 1
             day += timedelta(days=1)
     except (SourceUnavailable, RuntimeError) as exc:
         _fail(str(exc))
-    console = Console()
-    console.print(table)
-    console.print(f"{total} studies would be retrieved; {skipped} already drafted by this model and prompt version.")
+    typer.echo(f"{total} studies would be retrieved; {skipped} already drafted by this model and prompt version.")
 
 
 def _no_store():  # type: ignore[no-untyped-def]

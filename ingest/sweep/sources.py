@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -96,12 +96,27 @@ class SourceError(ValueError):
     """The sources configuration is wrong; the message names the setting to fix."""
 
 
+def _brief(exc: ValidationError, raw: list[Any]) -> str:
+    """A pydantic error as one line: which source, which field, what is wrong."""
+    parts = []
+    for err in exc.errors()[:4]:
+        loc = list(err["loc"])
+        index = loc.pop(0) if loc and isinstance(loc[0], int) else None
+        if loc and loc[0] in ("dicom", "dicomweb", "folder"):
+            loc.pop(0)
+        name = raw[index].get("name") if index is not None and isinstance(raw[index], dict) else None
+        where = f"source {name!r}" if name else f"source #{(index or 0) + 1}"
+        field = ".".join(str(p) for p in loc) or "kind"
+        parts.append(f"{where}: {field}: {err['msg']}")
+    return "; ".join(parts)
+
+
 def parse_sources(raw: list[dict[str, Any]] | list[Any]) -> list[DicomSource | DicomWebSource | FolderSource]:
     """Validate a ``[[sources]]`` list; duplicate names are an error."""
     try:
         sources = _SOURCES.validate_python(raw)
-    except ValueError as exc:
-        raise SourceError(f"[[sources]] in the settings file: {exc}") from None
+    except ValidationError as exc:
+        raise SourceError(f"[[sources]] in the settings file (PREREAD_CONFIG_FILE): {_brief(exc, raw)}") from None
     names = [s.name for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
