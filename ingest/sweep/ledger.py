@@ -58,6 +58,11 @@ def not_held_by_sweep() -> ColumnElement[bool]:
     )
 
 
+def _rowcount(result: Any) -> int:
+    """Rows an INSERT/UPDATE touched (a CursorResult's rowcount)."""
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def _insert(session: Session):  # type: ignore[no-untyped-def]
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
@@ -129,7 +134,7 @@ def add_found(session: Session, sweep: Sweep, studies: list[RemoteStudy], skip: 
     stmt = _insert(session)(SweepStudy).values(rows).on_conflict_do_nothing(
         index_elements=["sweep_id", "study_instance_uid"]
     )
-    return int(session.execute(stmt).rowcount or 0)
+    return _rowcount(session.execute(stmt))
 
 
 def in_flight(session: Session, source: str) -> int:
@@ -186,11 +191,11 @@ def release(session: Session, row_id: int, study_id: int, state: SweepStudyState
     gets no second outbox row.
     """
     now = utcnow()
-    moved = session.execute(
+    moved = _rowcount(session.execute(
         update(SweepStudy)
         .where(SweepStudy.id == row_id, SweepStudy.state.in_([str(s) for s in HOLDING]))
         .values(state=str(state), received=received, study_id=study_id, error=error, updated_at=now)
-    ).rowcount
+    ))
     if not moved:
         return False
     flipped = session.execute(
@@ -272,9 +277,9 @@ def change_state(session: Session, sweep_id: int, to: SweepState, allowed_from: 
         values.update(error=None, owner=None, lease_until=None)
     if to in (SweepState.CANCELLED, SweepState.DONE, SweepState.FAILED):
         values["finished_at"] = utcnow()
-    moved = session.execute(
+    moved = _rowcount(session.execute(
         update(Sweep).where(Sweep.id == sweep_id, Sweep.state.in_([str(s) for s in allowed_from])).values(**values)
-    ).rowcount
+    ))
     if moved and to == SweepState.CANCELLED:
         session.execute(
             update(SweepStudy)

@@ -293,7 +293,7 @@ def start_scheduled(settings: Settings, sources: list[AnySource], schedule: str,
 
 def run_sweeps_once(settings: Settings, state: Sweeps = _STATE) -> int:
     """One coordinator pass over sweeps: schedule, claim, start runners; returns runners started."""
-    env = SweepEnv()
+    env = SweepEnv()  # type: ignore[call-arg]  # all fields have defaults
     try:
         sources = load_sources(settings)
     except SourceError as exc:

@@ -101,7 +101,10 @@ def _brief(exc: ValidationError, raw: list[Any]) -> str:
     parts = []
     for err in exc.errors()[:4]:
         loc = list(err["loc"])
-        index = loc.pop(0) if loc and isinstance(loc[0], int) else None
+        first = loc[0] if loc else None
+        index = first if isinstance(first, int) else None
+        if index is not None:
+            loc.pop(0)
         if loc and loc[0] in ("dicom", "dicomweb", "folder"):
             loc.pop(0)
         name = raw[index].get("name") if index is not None and isinstance(raw[index], dict) else None
@@ -129,7 +132,7 @@ def load_sources(settings: Any = None, config_file: Path | None = None) -> list[
     configured = getattr(settings, "sources", None) if settings is not None else None
     if configured is not None:
         return parse_sources([s.model_dump() if isinstance(s, BaseModel) else s for s in configured])
-    path = config_file or SweepEnv().config_file
+    path = config_file or SweepEnv().config_file  # type: ignore[call-arg]  # all fields have defaults
     if path is None:
         return []
     try:

@@ -118,4 +118,5 @@ def parse_cron(text: str) -> Cron:
         sets = [_field(p, n, lo, hi) for p, (n, lo, hi) in zip(parts, _FIELDS)]
     except ValueError as exc:
         raise ValueError(f"PREREAD_SWEEP_SCHEDULE={text!r}: {exc}") from None
-    return Cron(*sets, any_day=parts[2] == "*", any_weekday=parts[4] == "*")
+    minutes, hours, days, months, weekdays = sets
+    return Cron(minutes, hours, days, months, weekdays, any_day=parts[2] == "*", any_weekday=parts[4] == "*")
