@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import requests
 from pydicom.dataset import Dataset
+from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from preread.ingest.assembly.discover import FoundStudy, discover
@@ -79,20 +80,25 @@ class DicomQuery:
         self.source = source
         self.calling_ae = calling_ae
 
-    def _find(self, identifier: Dataset) -> tuple[list[Dataset], int]:
-        """Every matching identifier and the final status."""
+    def _associate(self):  # type: ignore[no-untyped-def]
+        return associate(self.source, self.calling_ae, [(StudyRootQueryRetrieveInformationModelFind, None)])
+
+    def _find(self, identifier: Dataset, assoc: Association | None = None) -> tuple[list[Dataset], int]:
+        """Every matching identifier and the final status (on ``assoc``, or a new association)."""
+        if assoc is None:
+            with self._associate() as new:
+                return self._find(identifier, new)
         found: list[Dataset] = []
         final = QRStatus.SUCCESS.value
-        with associate(self.source, self.calling_ae, [(StudyRootQueryRetrieveInformationModelFind, None)]) as assoc:
-            for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
-                if status is None or "Status" not in status:
-                    raise RuntimeError(f"source {self.source.name!r}: C-FIND got no response (timeout or abort)")
-                code = int(status.Status)
-                if code in (QRStatus.PENDING, QRStatus.PENDING_WARNING):
-                    if ident is not None:
-                        found.append(ident)
-                else:
-                    final = code
+        for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+            if status is None or "Status" not in status:
+                raise RuntimeError(f"source {self.source.name!r}: C-FIND got no response (timeout or abort)")
+            code = int(status.Status)
+            if code in (QRStatus.PENDING, QRStatus.PENDING_WARNING):
+                if ident is not None:
+                    found.append(ident)
+            else:
+                final = code
         return found, final
 
     def _studies(self, day: date, modalities: list[str], time_span: str | None) -> tuple[list[RemoteStudy], bool]:
@@ -134,12 +140,16 @@ class DicomQuery:
         return list(by_uid.values())
 
     def count_instances(self, study_uid: str) -> list[str]:
-        """The SOP Instance UIDs of a study, series by series at IMAGE level."""
+        """The SOP Instance UIDs of a study, series by series at IMAGE level, on one association."""
+        with self._associate() as assoc:
+            return self._count(study_uid, assoc)
+
+    def _count(self, study_uid: str, assoc: Association) -> list[str]:
         series = Dataset()
         series.QueryRetrieveLevel = "SERIES"
         series.StudyInstanceUID = study_uid
         series.SeriesInstanceUID = ""
-        found, final = self._find(series)
+        found, final = self._find(series, assoc)
         if final != QRStatus.SUCCESS:
             raise RuntimeError(f"source {self.source.name!r}: series C-FIND ended with status 0x{final:04X}")
         uids: list[str] = []
@@ -149,7 +159,7 @@ class DicomQuery:
             image.StudyInstanceUID = study_uid
             image.SeriesInstanceUID = str(ds.get("SeriesInstanceUID", ""))
             image.SOPInstanceUID = ""
-            instances, final = self._find(image)
+            instances, final = self._find(image, assoc)
             if final != QRStatus.SUCCESS:
                 raise RuntimeError(f"source {self.source.name!r}: image C-FIND ended with status 0x{final:04X}")
             uids.extend(str(i.get("SOPInstanceUID", "")) for i in instances)
