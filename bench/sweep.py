@@ -195,7 +195,7 @@ def main() -> None:
         listener_port, discard_port = free_port(), free_port()
         orthanc = Orthanc(tmp, peers={"PREREAD": ("127.0.0.1", listener_port), "DISCARD": ("127.0.0.1", discard_port)})
         orthanc.start()
-        storescp = subprocess.Popen(["storescp", "--ignore", "-aet", "DISCARD", str(discard_port)],
+        storescp = subprocess.Popen(["storescp", "--ignore", "-aet", "DISCARD", str(discard_port)], env=dict(os.environ, TCP_NODELAY="1"),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         env = base_env(data_dir=tmp / "data", database_url=db_url, port=listener_port, host="127.0.0.1",
                        min_free_bytes=0, stable_after=3600)

@@ -18,6 +18,7 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from preread.ingest.listener.transport import no_delay
 from preread.ingest.sweep.sources import DicomSource
 
 #: Seconds to wait for an association, a DIMSE response, and an idle network.
@@ -107,7 +108,8 @@ def associate(
     with slots(source.name, source.max_associations):
         assoc = ae.associate(
             source.host, source.port, ae_title=source.ae_title, ext_neg=list(roles) or None,
-            evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), *handlers], tls_args=client_tls(source),
+            evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_CONN_OPEN, no_delay), *handlers],
+            tls_args=client_tls(source),
         )
         if not assoc.is_established:
             if assoc.is_rejected:

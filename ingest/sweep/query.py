@@ -22,6 +22,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from preread.ingest.assembly.discover import FoundStudy, discover
+from preread.ingest.listener.transport import park_reactor
 from preread.ingest.sweep.dimse import LIMIT_STATUSES, QRStatus, associate
 from preread.ingest.sweep.sources import DicomSource, DicomWebSource, FolderSource
 
@@ -49,7 +50,7 @@ class Query(Protocol):
 
     def find_studies(self, day: date, modalities: list[str]) -> list[RemoteStudy]: ...
 
-    def count_instances(self, study_uid: str) -> list[str]: ...
+    def count_instances(self, study_uid: str, assoc: Any = None) -> list[str]: ...
 
 
 def _date(text: object) -> date | None:
@@ -90,6 +91,7 @@ class DicomQuery:
                 return self._find(identifier, new)
         found: list[Dataset] = []
         final = QRStatus.SUCCESS.value
+        park_reactor(assoc)
         for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
             if status is None or "Status" not in status:
                 raise RuntimeError(f"source {self.source.name!r}: C-FIND got no response (timeout or abort)")
@@ -139,10 +141,15 @@ class DicomQuery:
             by_uid.update((s.study_uid, s) for s in part)
         return list(by_uid.values())
 
-    def count_instances(self, study_uid: str) -> list[str]:
-        """The SOP Instance UIDs of a study, series by series at IMAGE level, on one association."""
-        with self._associate() as assoc:
-            return self._count(study_uid, assoc)
+    def count_instances(self, study_uid: str, assoc: Association | None = None) -> list[str]:
+        """The SOP Instance UIDs of a study, series by series at IMAGE level, on one association.
+
+        ``assoc``: an open association with the Find context (the retrieve's, see ``DicomRetrieve.association``).
+        """
+        if assoc is None:
+            with self._associate() as new:
+                return self._count(study_uid, new)
+        return self._count(study_uid, assoc)
 
     def _count(self, study_uid: str, assoc: Association) -> list[str]:
         series = Dataset()
@@ -240,7 +247,7 @@ class WebQuery:
             by_uid.update((s.study_uid, s) for s in part)
         return list(by_uid.values())
 
-    def count_instances(self, study_uid: str) -> list[str]:
+    def count_instances(self, study_uid: str, assoc: Any = None) -> list[str]:
         """The SOP Instance UIDs of a study (QIDO-RS instance level)."""
         items = self._get(f"/studies/{study_uid}/instances", {"includefield": "00080018"})
         return sorted({str(next(iter(_tag(i, "00080018")), "")) for i in items} - {""})
@@ -274,7 +281,7 @@ class FolderQuery:
                 result.append(RemoteStudy(study.study_uid, day, mods))
         return result
 
-    def count_instances(self, study_uid: str) -> list[str]:
+    def count_instances(self, study_uid: str, assoc: Any = None) -> list[str]:
         """The SOP Instance UIDs of the study's files."""
         study = self.studies().get(study_uid)
         return sorted(i.identity.sop_instance_uid for i in study.instances) if study else []

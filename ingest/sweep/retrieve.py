@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,11 +17,14 @@ import requests
 from pydicom.dataset import Dataset
 from pynetdicom import AllStoragePresentationContexts, build_role, evt
 from pynetdicom.status import STATUS_FAILURE, code_to_category
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from preread.ingest.listener.transport import park_reactor
 from preread.ingest.listener.ae import TRANSFER_SYNTAXES, IngestContext, handle_store
 from preread.ingest.sweep.dimse import QRStatus, SourceUnavailable, associate, slots, where
 from preread.ingest.sweep.query import HTTP_TIMEOUT, FolderQuery, http_session
@@ -46,7 +50,9 @@ class Retrieved:
 class Retriever(Protocol):
     """Brings one study's instances into the listener's storage and index."""
 
-    def retrieve(self, study_uid: str) -> Retrieved: ...
+    def retrieve(self, study_uid: str, assoc: Any = None) -> Retrieved: ...
+
+    def association(self) -> AbstractContextManager[Any]: ...
 
 
 def _subops(status: Dataset) -> tuple[int, int, int]:
@@ -76,11 +82,31 @@ class DicomRetrieve:
         self.refusals = 0
         self.moved_any = False
 
-    def retrieve(self, study_uid: str) -> Retrieved:
-        """Run the C-MOVE or C-GET of one study to its final status."""
+    def association(self) -> AbstractContextManager[Association]:
+        """One association for a study's count and its retrieve: Find, and Move or Get with storage roles."""
+        contexts: list[tuple[str, list[str] | None]] = [(StudyRootQueryRetrieveInformationModelFind, None)]
+        if self.source.retrieve != Retrieve.C_GET:
+            return associate(self.source, self.calling_ae, contexts + [(StudyRootQueryRetrieveInformationModelMove, None)])
+        if self.ctx is None:
+            raise RuntimeError("C-GET needs an ingest context")
+        storage = AllStoragePresentationContexts[:GET_STORAGE_CONTEXTS - 1]
+        contexts += [(StudyRootQueryRetrieveInformationModelGet, None)]
+        contexts += [(str(c.abstract_syntax), TRANSFER_SYNTAXES) for c in storage]
+        roles = [build_role(str(c.abstract_syntax), scp_role=True) for c in storage]
+        return associate(self.source, self.calling_ae, contexts, roles=roles,
+                         handlers=[(evt.EVT_C_STORE, handle_store, [self.ctx])])
+
+    def retrieve(self, study_uid: str, assoc: Association | None = None) -> Retrieved:
+        """Run the C-MOVE or C-GET of one study to its final status (on ``assoc`` from :meth:`association`)."""
+        if assoc is None:
+            with self.association() as new:
+                return self.retrieve(study_uid, new)
+        park_reactor(assoc)
         if self.source.retrieve == Retrieve.C_GET:
-            return self._get(study_uid)
-        return self._move(study_uid)
+            responses = assoc.send_c_get(_identifier(study_uid), StudyRootQueryRetrieveInformationModelGet)
+            return self._final(responses, "C-GET")
+        responses = assoc.send_c_move(_identifier(study_uid), self.destination, StudyRootQueryRetrieveInformationModelMove)
+        return self._final(responses, "C-MOVE")
 
     def _final(self, responses: Any, what: str) -> Retrieved:
         result = Retrieved()
@@ -109,23 +135,6 @@ class DicomRetrieve:
             f"(status 0x{code:04X}); add AE {self.destination!r} with this listener's host and port (PREREAD_PORT) "
             "to the PACS's DICOM peers, or set retrieve = \"c-get\" in [[sources]]"
         )
-
-    def _move(self, study_uid: str) -> Retrieved:
-        with associate(self.source, self.calling_ae, [(StudyRootQueryRetrieveInformationModelMove, None)]) as assoc:
-            responses = assoc.send_c_move(_identifier(study_uid), self.destination, StudyRootQueryRetrieveInformationModelMove)
-            return self._final(responses, "C-MOVE")
-
-    def _get(self, study_uid: str) -> Retrieved:
-        if self.ctx is None:
-            raise RuntimeError("C-GET needs an ingest context")
-        storage = AllStoragePresentationContexts[:GET_STORAGE_CONTEXTS]
-        contexts: list[tuple[str, list[str] | None]] = [(StudyRootQueryRetrieveInformationModelGet, None)]
-        contexts += [(str(c.abstract_syntax), TRANSFER_SYNTAXES) for c in storage]
-        roles = [build_role(str(c.abstract_syntax), scp_role=True) for c in storage]
-        handlers = [(evt.EVT_C_STORE, handle_store, [self.ctx])]
-        with associate(self.source, self.calling_ae, contexts, roles=roles, handlers=handlers) as assoc:
-            responses = assoc.send_c_get(_identifier(study_uid), StudyRootQueryRetrieveInformationModelGet)
-            return self._final(responses, "C-GET")
 
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
@@ -156,7 +165,11 @@ class WebRetrieve:
         self.ctx = ctx
         self.session = http_session(source)
 
-    def retrieve(self, study_uid: str) -> Retrieved:
+    def association(self) -> AbstractContextManager[None]:
+        """No association: each request takes one of the source's connection slots."""
+        return nullcontext()
+
+    def retrieve(self, study_uid: str, assoc: Any = None) -> Retrieved:
         """GET the study as multipart DICOM; store every part."""
         with slots(self.source.name, self.source.max_associations):
             try:
@@ -188,7 +201,11 @@ class FolderRetrieve:
         self.query = query
         self.ctx = ctx
 
-    def retrieve(self, study_uid: str) -> Retrieved:
+    def association(self) -> AbstractContextManager[None]:
+        """No association for a folder."""
+        return nullcontext()
+
+    def retrieve(self, study_uid: str, assoc: Any = None) -> Retrieved:
         """Store every file of the study."""
         completed = failed = 0
         for path in self.query.files(study_uid):

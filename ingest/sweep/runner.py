@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -186,41 +187,77 @@ class SweepRunner(threading.Thread):
             self.stop_event.wait(IDLE_S)
             return True
         self._note(f"retrieving {len(rows)} studies")
+        pending = list(rows)
+        lock = threading.Lock()
+
+        def worker() -> None:
+            """Take studies off the batch, all on one association (reopened if it breaks)."""
+            with ExitStack() as stack:
+                assoc: Any = None
+                while not self.stop_event.is_set():
+                    with lock:
+                        if not pending:
+                            return
+                        row = pending.pop(0)
+                    if assoc is None or not getattr(assoc, "is_established", True):
+                        stack.close()
+                        try:
+                            assoc = stack.enter_context(self.retriever.association())
+                        except SourceUnavailable:
+                            raise
+                        except Exception as exc:  # cannot associate now: this attempt fails, the next batch retries
+                            self._failed_attempt(row[0], row[1], row[3] + 1, f"{type(exc).__name__}: {exc}"[:500])
+                            assoc = None
+                            continue
+                    self._one(*row, assoc=assoc)
+
         workers = min(len(rows), self.source.max_associations)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sweep{self.sweep_id}") as pool:
-            for future in [pool.submit(self._one, *row) for row in rows]:
+            for future in [pool.submit(worker) for _ in range(workers)]:
                 future.result()
         with session_scope(self.url) as session:
             ledger.set_sweep(session, self.sweep_id, counts=ledger.counts(session, self.sweep_id).as_dict(), note=None)
         return True
 
-    def _one(self, row_id: int, study_uid: str, expected: int | None, attempts: int) -> None:
-        """Count (once), retrieve, check and release one study."""
+    def _one(self, row_id: int, study_uid: str, expected: int | None, attempts: int, assoc: Any = None) -> None:
+        """Count (once), retrieve, check and release one study (on ``assoc``, the worker's association).
+
+        Two short transactions per study: one records the count and the attempt
+        before the retrieve, one checks what arrived and releases (or not) after it.
+        """
         if self.stop_event.is_set():
             return
         try:
-            if expected is None:
-                expected = len(self.query.count_instances(study_uid))
+            with ExitStack() as stack:
+                if assoc is None:  # DICOM: one association for the count and the retrieve
+                    assoc = stack.enter_context(self.retriever.association())
+                counted = expected is None
+                if expected is None:
+                    expected = len(self.query.count_instances(study_uid, assoc))
                 with session_scope(self.url) as session:
-                    ledger.set_study(session, row_id, expected=expected, state=str(SweepStudyState.COUNTED))
-            with session_scope(self.url) as session:
-                study_id, received = ledger.received_count(session, study_uid)
-            if expected == 0 or received < expected:
-                attempts += 1
-                with session_scope(self.url) as session:
-                    ledger.set_study(session, row_id, state=str(SweepStudyState.RETRIEVING), attempts=attempts)
-                result = self.retriever.retrieve(study_uid)
-                with session_scope(self.url) as session:
-                    study_id, received = ledger.received_count(session, study_uid)
-                if result.failed:
-                    log.info("sweep %d: study %s: %d sub-operations failed at the source", self.sweep_id, study_uid,
-                             result.failed)
+                    _, received = ledger.received_count(session, study_uid)
+                    fetch = expected == 0 or received < expected
+                    values: dict[str, Any] = {"expected": expected} if counted else {}
+                    if fetch:
+                        attempts += 1
+                        values.update(state=str(SweepStudyState.RETRIEVING), attempts=attempts)
+                    elif counted:
+                        values["state"] = str(SweepStudyState.COUNTED)
+                    if values:
+                        ledger.set_study(session, row_id, **values)
+                if fetch:
+                    result = self.retriever.retrieve(study_uid, assoc)
+                    if result.failed:
+                        log.info("sweep %d: study %s: %d sub-operations failed at the source", self.sweep_id,
+                                 study_uid, result.failed)
         except SourceUnavailable:
             raise
         except Exception as exc:
             self._failed_attempt(row_id, study_uid, attempts, f"{type(exc).__name__}: {exc}"[:500])
             return
-        self._check(row_id, study_uid, study_id, expected, received, attempts)
+        with session_scope(self.url) as session:
+            study_id, received = ledger.received_count(session, study_uid)
+            self._check(session, row_id, study_uid, study_id, expected, received, attempts)
 
     def _failed_attempt(self, row_id: int, study_uid: str, attempts: int, error: str) -> None:
         attempts = max(attempts, 1)
@@ -231,28 +268,25 @@ class SweepRunner(threading.Thread):
             ledger.set_study(session, row_id, attempts=attempts, error=error,
                              state=str(SweepStudyState.FAILED if final else SweepStudyState.COUNTED))
 
-    def _check(self, row_id: int, study_uid: str, study_id: int | None, expected: int, received: int, attempts: int) -> None:
+    def _check(self, session: Any, row_id: int, study_uid: str, study_id: int | None, expected: int, received: int,
+               attempts: int) -> None:
         """Release a complete study; retry a short one; release a still-short one as incomplete."""
         if expected > 0 and received >= expected:
-            with session_scope(self.url) as session:
-                ledger.release(session, row_id, study_id or 0, SweepStudyState.RELEASED, received, None)
+            ledger.release(session, row_id, study_id or 0, SweepStudyState.RELEASED, received, None)
             return
         short = f"received {received} of {expected} instances"
         if attempts < MAX_ATTEMPTS:
             log.info("sweep %d: study %s: %s; retrying", self.sweep_id, study_uid, short)
-            with session_scope(self.url) as session:
-                ledger.set_study(session, row_id, state=str(SweepStudyState.COUNTED), received=received, error=short)
+            ledger.set_study(session, row_id, state=str(SweepStudyState.COUNTED), received=received, error=short)
             return
         if study_id is None or received == 0:
-            with session_scope(self.url) as session:
-                ledger.set_study(session, row_id, state=str(SweepStudyState.FAILED), received=received,
-                                 error=f"{short} after {attempts} attempts")
+            ledger.set_study(session, row_id, state=str(SweepStudyState.FAILED), received=received,
+                             error=f"{short} after {attempts} attempts")
             return
         log.warning("sweep %d: study %s incomplete: %s after %d attempts; drafting what arrived", self.sweep_id,
                     study_uid, short, attempts)
-        with session_scope(self.url) as session:
-            ledger.release(session, row_id, study_id, SweepStudyState.INCOMPLETE, received,
-                           f"incomplete: {short} after {attempts} attempts")
+        ledger.release(session, row_id, study_id, SweepStudyState.INCOMPLETE, received,
+                       f"incomplete: {short} after {attempts} attempts")
 
 
 class Sweeps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -60,8 +61,8 @@ class Orthanc:
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(self.config()))
         self.log = open(self.workdir / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([ORTHANC, str(path)], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(lambda: requests.get(f"{self.url}/system", timeout=2).ok, 60, what="Orthanc REST API")
+        self.proc = subprocess.Popen([ORTHANC, str(path)], stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, TCP_NODELAY="1"))
+        wait_until(lambda: requests.get(f"{self.url}/system", timeout=2).ok, 180, what="Orthanc REST API")
         return self
 
     def upload(self, files: list[Path]) -> list[str]:

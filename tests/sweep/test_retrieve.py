@@ -147,8 +147,8 @@ def test_an_instance_deleted_between_count_and_retrieve_makes_the_study_incomple
         count = runner.query.count_instances
         doomed = __import__("pydicom").dcmread(files[1], stop_before_pixels=True).SOPInstanceUID
 
-        def count_then_delete(study_uid: str) -> list[str]:
-            counted = count(study_uid)
+        def count_then_delete(study_uid: str, assoc: object = None) -> list[str]:
+            counted = count(study_uid, assoc)
             if study_uid == uid:
                 orthanc.delete_instance(doomed)
             return counted
