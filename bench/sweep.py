@@ -6,6 +6,8 @@ one study date) are loaded into a private Orthanc. In the same run:
 * **floor**: Orthanc C-MOVEs the studies, one C-MOVE per study on its own
   association, ``max_associations`` at a time, to dcmtk's ``storescp --ignore``
   (receives and discards);
+* **listener floor**: the same C-MOVEs to ``preread listen`` (a fresh data dir and
+  database): what storing durably here costs, with no sweep;
 * **sweep retrieval**: a :class:`SweepRunner` in this process sweeps the day
   (STUDY-level C-FIND, IMAGE-level counts, C-MOVE to ``preread listen`` running
   as its own process, the count check and the release), without workers, until
@@ -14,7 +16,7 @@ one study date) are loaded into a private Orthanc. In the same run:
 * **drafted** (``--draft``): ``preread sweep run`` with the coordinator and
   render/infer workers on the tiny random-weight model, until the sweep is done.
 
-    python bench/sweep.py [--studies 300] [--draft] [--draft-studies 300] [--pg URL]
+    python bench/sweep.py [--studies 300] [--no-sync-writes] [--draft] [--draft-studies 300] [--pg URL]
 
 Goal: sweep retrieval >= 0.8 x the floor; the sweep's own CPU <= 20 ms per study.
 """
@@ -176,6 +178,7 @@ def main() -> None:
     parser.add_argument("--draft", action="store_true", help="also draft with the tiny model (slow on CPU)")
     parser.add_argument("--draft-studies", type=int, default=300)
     parser.add_argument("--pg", help="Postgres admin URL (default: SQLite, the embedded default)")
+    parser.add_argument("--no-sync-writes", action="store_true", help="listener with PREREAD_SYNC_WRITES=false")
     parser.add_argument("--broker", help="broker URL for --draft (default: the embedded queue)")
     args = parser.parse_args()
     from preread.ingest.listener.ae import quiet_pydicom
@@ -197,8 +200,9 @@ def main() -> None:
         orthanc.start()
         storescp = subprocess.Popen(["storescp", "--ignore", "-aet", "DISCARD", str(discard_port)], env=dict(os.environ, TCP_NODELAY="1"),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sync = "false" if args.no_sync_writes else "true"
         env = base_env(data_dir=tmp / "data", database_url=db_url, port=listener_port, host="127.0.0.1",
-                       min_free_bytes=0, stable_after=3600)
+                       min_free_bytes=0, stable_after=3600, sync_writes=sync)
         listener = Proc(preread_argv("listen"), env, tmp / "listener.log").start()
         try:
             orthanc.upload(files)
@@ -206,6 +210,15 @@ def main() -> None:
             wait_port(listener_port, 90)
             floor_s = floor(orthanc, uids, "DISCARD", args.associations)
             sweep_s, cpu_s = sweep_retrieval(tmp, orthanc, listener_port, db_url, args.studies, args.associations)
+            listener.kill()
+            # the listener alone, on a fresh data dir and database: the same C-MOVEs, no sweep
+            fresh_db = f"sqlite:///{tmp / 'fresh.db'}"
+            upgrade(fresh_db)
+            env = base_env(data_dir=tmp / "fresh", database_url=fresh_db, port=listener_port, host="127.0.0.1",
+                           min_free_bytes=0, stable_after=3600, sync_writes=sync)
+            listener = Proc(preread_argv("listen"), env, tmp / "listener2.log").start()
+            wait_port(listener_port, 90)
+            listener_s = floor(orthanc, uids, "PREREAD", args.associations)
         finally:
             listener.kill()
             storescp.kill()
@@ -214,17 +227,22 @@ def main() -> None:
                         args.broker) if args.draft else None
 
     n = args.studies
-    table = Table(title=f"archive sweep, {n} single-image CR studies ({SIZE}x{SIZE}), {args.associations} associations")
+    table = Table(title=f"archive sweep, {n} single-image CR studies ({SIZE}x{SIZE}), {args.associations} associations, "
+                        f"listener sync_writes={sync}")
     for col in ("measure", "studies/min", "ratio to floor", "CPU ms/study", "goal"):
         table.add_column(col, justify="right" if col != "measure" else "left")
     floor_rate, sweep_rate = n / floor_s * 60, n / sweep_s * 60
     table.add_row("floor: Orthanc C-MOVE per study to storescp --ignore", f"{floor_rate:.0f}", "1.00", "", "")
+    listener_rate = n / listener_s * 60
+    table.add_row("listener floor: the same C-MOVEs to preread listen", f"{listener_rate:.0f}",
+                  f"{listener_rate / floor_rate:.2f}", "", "")
     table.add_row("sweep retrieval (query, count, C-MOVE to preread listen, check, release)", f"{sweep_rate:.0f}",
                   f"{sweep_rate / floor_rate:.2f}", f"{cpu_s / n * 1000:.1f}", ">= 0.80; <= 20 ms")
     if draft is not None:
         count, seconds = draft
         table.add_row(f"drafted end to end, tiny model ({count} studies)", f"{count / seconds * 60:.1f}", "", "", "")
-    Console().print(table)
+    Console(width=150).print(table)
+    print(f"sweep retrieval / listener floor: {sweep_rate / listener_rate:.2f}")
 
 
 if __name__ == "__main__":
