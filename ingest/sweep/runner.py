@@ -326,7 +326,18 @@ def start_scheduled(settings: Settings, sources: list[AnySource], schedule: str,
 
 
 def run_sweeps_once(settings: Settings, state: Sweeps = _STATE) -> int:
-    """One coordinator pass over sweeps: schedule, claim, start runners; returns runners started."""
+    """One coordinator pass over sweeps: schedule, claim, start runners; returns runners started.
+
+    Never raises: a failure is logged and the coordinator's other work in the pass goes on.
+    """
+    try:
+        return _run_sweeps_once(settings, state)
+    except Exception as exc:  # database briefly away, a bad schedule ...: logged, tried again next pass
+        log.warning("sweep pass failed: %s: %s", type(exc).__name__, str(exc)[:300])
+        return 0
+
+
+def _run_sweeps_once(settings: Settings, state: Sweeps) -> int:
     env = SweepEnv()  # type: ignore[call-arg]  # all fields have defaults
     try:
         sources = load_sources(settings)
