@@ -53,6 +53,9 @@ def test_pause_resume_cancel_and_list(tmp_path: Path) -> None:
     assert "paused" in cli(tmp_path, "list").stdout
     assert cli(tmp_path, "resume", sweep_id).returncode == 0
     assert "queued" in cli(tmp_path, "status", sweep_id).stdout
+    env = base_env(data_dir=tmp_path / "data", config_file=tmp_path / "preread.toml")
+    status = subprocess.run(preread_argv("status"), env=env, capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0 and f"sweep {sweep_id} disk 2024-01-01..2024-01-03 queued" in status.stdout, status.stdout
     assert cli(tmp_path, "cancel", sweep_id).returncode == 0
     again = cli(tmp_path, "pause", sweep_id)
     assert again.returncode == 2 and "cancelled" in again.stderr
