@@ -49,17 +49,14 @@ class SourceUnavailable(RuntimeError):
     """The source cannot be reached or refuses us; the message says what to configure."""
 
 
-_slots: dict[str, threading.BoundedSemaphore] = {}
+_slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
 _slots_lock = threading.Lock()
 
 
 def slots(name: str, limit: int) -> threading.BoundedSemaphore:
-    """The association slots of source ``name`` in this process (``max_associations``)."""
+    """The association slots of source ``name`` in this process (``max_associations``), shared by its sweeps."""
     with _slots_lock:
-        sem = _slots.get(name)
-        if sem is None or getattr(sem, "_initial_value", limit) != limit:
-            sem = _slots[name] = threading.BoundedSemaphore(limit)
-        return sem
+        return _slots.setdefault((name, limit), threading.BoundedSemaphore(limit))
 
 
 def client_tls(source: DicomSource) -> tuple[ssl.SSLContext, str] | None:

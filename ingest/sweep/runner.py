@@ -35,6 +35,7 @@ from preread.ingest.sweep.sources import (
     DicomSource,
     DicomWebSource,
     FolderSource,
+    Retrieve,
     SourceError,
     SweepEnv,
     find_source,
@@ -97,7 +98,7 @@ class SweepRunner(threading.Thread):
         self.window = window
         self.owner = owner
         self.stop_event = stop or threading.Event()
-        needs_ctx = not isinstance(source, DicomSource) or source.retrieve == "c-get"
+        needs_ctx = not isinstance(source, DicomSource) or source.retrieve == Retrieve.C_GET
         self.ctx = ingest_context(settings) if needs_ctx else None
         self.query, self.retriever = clients(source, settings, self.ctx)
         self.model_id = settings.model
