@@ -18,10 +18,12 @@ from preread.cli.retry import retry
 from preread.cli.run import coordinate, run
 from preread.cli.status import status
 from preread.cli.token import token_app
+from preread.cli.sweep import sweep_app
 from preread.cli.worker import worker
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="infimed-preread: DICOM in, draft pre-reads out.")
 app.add_typer(db_app, name="db")
+app.add_typer(sweep_app, name="sweep")
 app.command("draft")(draft)
 app.command("worker")(worker)
 app.command("status")(status)

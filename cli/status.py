@@ -6,6 +6,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from preread.cli.sweep import status_lines as sweep_status_lines
 from preread.schemas.settings import get_settings
 from preread.worker.pipeline.status import PipelineStatus, snapshot
 
@@ -68,3 +69,5 @@ def status() -> None:
     if not console.is_terminal:
         console = Console(width=200)  # piped or logged: whole lines, that grep finds
     console.print(render_status(snapshot(settings, app)))
+    for line in sweep_status_lines(settings):  # archive sweeps (cli/sweep.py)
+        console.print(line, highlight=False)

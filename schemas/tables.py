@@ -418,3 +418,82 @@ class Feedback(Base):
     #: The probe scores the reader saw, so quality figures survive a reprocess.
     scores: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+class SweepState(enum.StrEnum):
+    """Where an archive sweep stands (``preread sweep``)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class SweepStudyState(enum.StrEnum):
+    """Where one study of a sweep stands; the first three hold the study back from the stability monitor."""
+
+    PENDING = "pending"
+    COUNTED = "counted"
+    RETRIEVING = "retrieving"
+    RELEASED = "released"
+    INCOMPLETE = "incomplete"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Sweep(Base):
+    """An archive sweep: one source, a date range and filters, worked through by the coordinator."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(64))
+    date_from: Mapped[date] = mapped_column(Date)
+    date_to: Mapped[date] = mapped_column(Date)
+    #: Comma-separated modalities (``CR,DX``); empty for all.
+    modalities: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    force: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    ignore_window: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    state: Mapped[str] = mapped_column(String(16), default=SweepState.QUEUED, server_default="queued")
+    #: The first day not yet queried (days before it have their study rows).
+    next_day: Mapped[date | None] = mapped_column(Date)
+    #: Studies per sweep-study state, refreshed by the runner (for ``sweep list`` and ``preread status``).
+    counts: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(Text)
+    #: What the runner is doing now, in words (``waiting for the window 20:00-06:00``).
+    note: Mapped[str | None] = mapped_column(Text)
+    #: The coordinator process working on it, and until when its claim holds.
+    owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: ``source@fire-time`` of a scheduled sweep: unique, so one deployment starts it once.
+    schedule_key: Mapped[str | None] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_sweeps_state", "state"),)
+
+
+class SweepStudy(Base):
+    """One study a sweep found: the instances counted at the source and received here, and its state."""
+
+    __tablename__ = "sweep_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    study_date: Mapped[date | None] = mapped_column(Date)
+    modalities: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=SweepStudyState.PENDING, server_default="pending")
+    expected: Mapped[int | None] = mapped_column(Integer)
+    received: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (
+        Index("uq_sweep_studies_sweep_study", "sweep_id", "study_instance_uid", unique=True),
+        Index("ix_sweep_studies_hold", "study_instance_uid", "state"),
+    )

@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from preread.ingest.sweep.ledger import not_held_by_sweep  # a study an open sweep holds waits for its release
 from preread.schemas.database import session_scope
 from preread.schemas.tables import Outbox, Study, StudyState, utcnow
 
@@ -46,7 +47,7 @@ def mark_stable(session: Session, stable_after: float, now: datetime | None = No
     """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=stable_after)
-    quiet = (Study.state == StudyState.RECEIVING, Study.last_received_at < cutoff)
+    quiet = (Study.state == StudyState.RECEIVING, Study.last_received_at < cutoff, not_held_by_sweep())
     # A read first: SQLite takes its write lock only when there is work.
     if session.execute(select(Study.id).where(*quiet).limit(1)).first() is None:
         return []

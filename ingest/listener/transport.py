@@ -503,3 +503,47 @@ class ListenerRequestHandler(RequestHandler):
         # the socket pynetdicom made for this connection, with our recv
         assoc.dul.socket.__class__ = ListenerSocket
         return assoc
+
+
+def no_delay(event: Any) -> None:
+    """``evt.EVT_CONN_OPEN`` on an association we request: send small PDUs at once (TCP_NODELAY).
+
+    A C-FIND or C-MOVE request is a command and an identifier in two small
+    P-DATA writes; with Nagle's algorithm the second waits for the peer's
+    delayed ACK (tens of milliseconds per request). Used by archive sweeps.
+    """
+    sock = getattr(getattr(getattr(event.assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+#: Seconds the reactor must stay parked before a request goes out on a reused association.
+_PARKED_FOR = 0.001
+
+
+def park_reactor(assoc: Any, timeout: float = 2.0) -> None:
+    """Before a ``send_c_*`` on an association we requested and reuse: make sure its reactor is parked.
+
+    pynetdicom pauses the association's reactor thread before sending a
+    request, but checks only a flag the reactor sets just *before* it blocks;
+    a reactor caught between that flag and its wait can take the peer's first
+    response off the queue ("Received unexpected C-FIND service message"),
+    which a fast peer makes likely when several requests follow one another
+    (an archive sweep's series and image queries and its C-MOVE). Here the
+    reactor is paused and seen paused twice, a millisecond apart.
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None:
+        return
+    checkpoint.clear()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if getattr(assoc, "_is_paused", True):
+            time.sleep(_PARKED_FOR)
+            if getattr(assoc, "_is_paused", True):
+                return
+        else:
+            time.sleep(0.0001)

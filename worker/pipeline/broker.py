@@ -23,7 +23,7 @@ from preread.worker.pipeline.queues import QUEUES, RENDER, TASK_FOR_TOPIC
 
 #: Message priority per study urgency rank (0 routine, 1 priority, 2 stat).
 #: Celery's Redis transport serves *lower* numbers first.
-REDIS_PRIORITY = {0: 6, 1: 3, 2: 0}
+REDIS_PRIORITY = {-1: 9, 0: 6, 1: 3, 2: 0}  # -1: archive sweep studies, after every live one
 
 
 def embedded_broker(settings: Settings) -> tuple[str, dict[str, object]]:
@@ -46,7 +46,7 @@ def message_priority(broker_url: str, rank: int) -> int | None:
     if broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
         return REDIS_PRIORITY.get(rank, REDIS_PRIORITY[0])
     if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
-        return rank * 4  # AMQP serves higher numbers first
+        return max(rank, 0) * 4  # AMQP serves higher numbers first (a sweep's -1 shares routine's 0)
     return None
 
 

@@ -10,6 +10,7 @@ from celery import Celery
 from preread.schemas.settings import Settings
 from preread.schemas.tables import ProcessRole, ProcessState
 from preread.worker.pipeline.heartbeat import HeartbeatWriter
+from preread.ingest.sweep.runner import run_sweeps_once
 from preread.worker.pipeline.outbox import dispatch_once
 from preread.worker.pipeline.reconciler import reconcile_once
 
@@ -25,6 +26,7 @@ def coordinate_once(settings: Settings, app: Celery, pass_no: int = 0) -> int:
 
     done = len(mark_stable(settings.effective_database_url, settings.stable_after))
     done += dispatch_once(settings, app)
+    done += run_sweeps_once(settings)  # archive sweeps (ingest/sweep/runner.py)
     if pass_no % RECONCILE_EVERY == 0:
         done += reconcile_once(settings)
     return done

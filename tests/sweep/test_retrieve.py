@@ -1,0 +1,239 @@
+"""Sweeps against a real Orthanc on loopback, with the listener in this process and real Postgres.
+
+These drive one :class:`SweepRunner` step by step (no model, no workers): they
+check what reaches our storage and index, what the sweep records, and that a
+study is held from the stability monitor until the sweep releases it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select
+
+from preread.ingest.assembly.stability import mark_stable
+from preread.ingest.listener.ae import Listener
+from preread.ingest.sweep import ledger
+from preread.ingest.sweep.runner import SweepRunner
+from preread.ingest.sweep.sources import parse_sources
+from preread.ingest.sweep.window import parse_window
+from preread.schemas.database import session_scope
+from preread.schemas.settings import Settings
+from preread.schemas.tables import Instance, Outbox, Study, StudyState, Sweep, SweepState, SweepStudy
+from tests.support.orthanc import ORTHANC, Orthanc
+from tests.support.procs import free_port
+from tests.sweep.helpers import DAY1, DAY2, DAY3, make_study, three_dates
+
+pytestmark = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed")
+
+OUR_AE = "PREREAD"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, pg_url: str) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=pg_url, ae_title=OUR_AE, host="127.0.0.1",
+                    port=free_port(), min_free_bytes=0, stable_after=0.5)
+
+
+@pytest.fixture
+def listener(settings: Settings) -> Iterator[Listener]:
+    server = Listener(settings, monitor=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+def start_orthanc(tmp_path: Path, settings: Settings, **kwargs: object) -> Orthanc:
+    return Orthanc(tmp_path, peers={OUR_AE: ("127.0.0.1", settings.port)}, **kwargs).start()  # type: ignore[arg-type]
+
+
+def source_for(kind: str, orthanc: Orthanc | None, folder: Path | None = None, **extra: object):  # type: ignore[no-untyped-def]
+    raw: dict[str, object] = {"name": "pacs", "kind": kind, **extra}
+    if kind == "dicom":
+        assert orthanc is not None
+        raw.update(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port)
+    elif kind == "dicomweb":
+        assert orthanc is not None
+        raw.update(url=orthanc.dicomweb_url)
+    else:
+        raw.update(path=str(folder))
+    return parse_sources([raw])[0]
+
+
+def new_sweep(url: str, start: date, end: date, **kwargs: object) -> int:
+    with session_scope(url) as session:
+        sweep_id = ledger.create_sweep(session, "pacs", start, end, **kwargs)  # type: ignore[arg-type]
+        assert sweep_id is not None
+        ledger.claim(session, "test-owner", 600)
+    return sweep_id
+
+
+def drive(runner: SweepRunner, steps: int = 200) -> None:
+    """Step the runner until it ends (the workers' part is played by marking released studies DRAFTED)."""
+    for _ in range(steps):
+        if not runner.step():
+            return
+        with session_scope(runner.url) as session:  # stand-in for the pipeline: released studies are drafted
+            session.execute(
+                Study.__table__.update().where(Study.state == StudyState.STABLE).values(state=str(StudyState.DRAFTED))
+            )
+    raise AssertionError("sweep did not end")
+
+
+def rows(url: str, sweep_id: int) -> dict[str, SweepStudy]:
+    with session_scope(url) as session:
+        return {r.study_instance_uid: r for r in session.scalars(select(SweepStudy).where(SweepStudy.sweep_id == sweep_id))}
+
+
+def stored(url: str) -> dict[str, int]:
+    """Instances stored here per Study Instance UID."""
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        from preread.schemas.tables import Series
+
+        result = dict(conn.execute(
+            select(Study.study_instance_uid, func.count(Instance.id))
+            .join(Series, Series.study_id == Study.id).join(Instance, Instance.series_id == Series.id)
+            .group_by(Study.study_instance_uid)
+        ).all())
+    engine.dispose()
+    return result
+
+
+@pytest.mark.parametrize("kind,retrieve", [("dicom", "c-move"), ("dicom", "c-get"), ("dicomweb", None), ("folder", None)])
+def test_sweep_over_two_dates_retrieves_and_releases_exactly_those(
+    tmp_path: Path, settings: Settings, listener: Listener, kind: str, retrieve: str | None
+) -> None:
+    studies = three_dates(tmp_path / "in", per_day=2, instances=2)
+    orthanc = None if kind == "folder" else start_orthanc(tmp_path, settings, dicomweb=kind == "dicomweb")
+    try:
+        if orthanc is not None:
+            orthanc.upload([f for day in studies.values() for _, files in day for f in files])
+        extra = {"retrieve": retrieve} if retrieve else {}
+        source = source_for(kind, orthanc, tmp_path / "in", **extra)
+        url = settings.effective_database_url
+        sweep_id = new_sweep(url, DAY1, DAY2)
+        runner = SweepRunner(sweep_id, settings, source, None, owner="test-owner")
+        drive(runner)
+    finally:
+        if orthanc is not None:
+            orthanc.stop()
+    wanted = {uid for day in (DAY1, DAY2) for uid, _ in studies[day]}
+    found = rows(url, sweep_id)
+    assert set(found) == wanted, "the sweep found the studies of the two dates, not the third"
+    assert all(r.state == "released" and r.expected == 2 and r.received == 2 for r in found.values())
+    assert stored(url) == {uid: 2 for uid in wanted}, "every instance of those studies, and nothing else, is here"
+    with session_scope(url) as session:
+        sweep = session.get(Sweep, sweep_id)
+        assert sweep is not None and sweep.state == SweepState.DONE
+        outbox = session.execute(select(Outbox.study_id, Outbox.priority)).all()
+    assert len(outbox) == 4 and {p for _, p in outbox} == {ledger.SWEEP_PRIORITY}, "one lowest-priority hand-off each"
+
+
+def test_an_instance_deleted_between_count_and_retrieve_makes_the_study_incomplete(
+    tmp_path: Path, settings: Settings, listener: Listener
+) -> None:
+    uid, files = make_study(tmp_path / "in", DAY1, instances=3)
+    other, other_files = make_study(tmp_path / "in", DAY1, instances=2, hour=14)
+    orthanc = start_orthanc(tmp_path, settings)
+    try:
+        orthanc.upload(files + other_files)
+        url = settings.effective_database_url
+        sweep_id = new_sweep(url, DAY1, DAY1)
+        runner = SweepRunner(sweep_id, settings, source_for("dicom", orthanc), None, owner="test-owner")
+        count = runner.query.count_instances
+        doomed = __import__("pydicom").dcmread(files[1], stop_before_pixels=True).SOPInstanceUID
+
+        def count_then_delete(study_uid: str, assoc: object = None) -> list[str]:
+            counted = count(study_uid, assoc)
+            if study_uid == uid:
+                orthanc.delete_instance(doomed)
+            return counted
+
+        runner.query.count_instances = count_then_delete  # type: ignore[method-assign]
+        drive(runner)
+    finally:
+        orthanc.stop()
+    found = rows(url, sweep_id)
+    short = found[uid]
+    assert (short.state, short.expected, short.received) == ("incomplete", 3, 2)
+    assert short.attempts == 3, "a short count is retried before giving up"
+    assert short.error is not None and "2 of 3" in short.error
+    assert (found[other].state, found[other].expected, found[other].received) == ("released", 2, 2)
+    with session_scope(url) as session:
+        states = dict(session.execute(select(Study.study_instance_uid, Study.state)).all())
+    assert states[uid] == StudyState.DRAFTED, "the incomplete study is still drafted with what arrived"
+
+
+def test_a_held_study_waits_for_its_release(tmp_path: Path, settings: Settings, listener: Listener) -> None:
+    uid, files = make_study(tmp_path / "in", DAY2, instances=2)
+    orthanc = start_orthanc(tmp_path, settings)
+    try:
+        orthanc.upload(files)
+        url = settings.effective_database_url
+        sweep_id = new_sweep(url, DAY2, DAY2)
+        runner = SweepRunner(sweep_id, settings, source_for("dicom", orthanc), None, owner="test-owner")
+        runner.step()  # the day's query: the study's row now holds it
+        row = rows(url, sweep_id)[uid]
+        runner.retriever.retrieve(uid)  # instances arrive, but the sweep has not checked them yet
+        later = datetime.now().astimezone() + timedelta(hours=1)
+        with session_scope(url) as session:
+            assert mark_stable(session, settings.stable_after, now=later) == [], "no stability flip while held"
+        runner._one(row.id, uid, None, 0)  # count, see both instances here, release
+    finally:
+        orthanc.stop()
+    with session_scope(url) as session:
+        state = session.scalar(select(Study.state).where(Study.study_instance_uid == uid))
+        hand_offs = session.scalar(select(func.count()).select_from(Outbox))
+    assert state == StudyState.STABLE and hand_offs == 1
+    assert rows(url, sweep_id)[uid].state == "released"
+
+
+def test_outside_the_window_nothing_is_retrieved_inside_it_the_sweep_goes_on(
+    tmp_path: Path, settings: Settings, listener: Listener
+) -> None:
+    uid, files = make_study(tmp_path / "in", DAY1, instances=1)
+    orthanc = start_orthanc(tmp_path, settings)
+    try:
+        orthanc.upload(files)
+        url = settings.effective_database_url
+        sweep_id = new_sweep(url, DAY1, DAY1)
+        now = datetime.now()
+        closed = parse_window(f"{(now + timedelta(hours=2)):%H}:00-{(now + timedelta(hours=3)):%H}:00")
+        runner = SweepRunner(sweep_id, settings, source_for("dicom", orthanc), closed, owner="test-owner")
+        runner.stop_event.wait = lambda *_: False  # type: ignore[method-assign]  # no idle sleeps in the test
+        for _ in range(3):
+            assert runner.step()
+        assert stored(url) == {} and rows(url, sweep_id) == {}, "outside the window: no query, no retrieve"
+        with session_scope(url) as session:
+            sweep = session.get(Sweep, sweep_id)
+            assert sweep is not None and sweep.note is not None and "window" in sweep.note
+        runner.window = parse_window(f"{(now - timedelta(hours=1)):%H}:00-{(now + timedelta(hours=2)):%H}:00")
+        drive(runner)
+    finally:
+        orthanc.stop()
+    assert stored(url) == {uid: 1}
+
+
+def test_a_pacs_that_does_not_know_our_ae_fails_the_sweep_naming_what_to_configure(
+    tmp_path: Path, settings: Settings, listener: Listener
+) -> None:
+    uid, files = make_study(tmp_path / "in", DAY1)
+    orthanc = Orthanc(tmp_path).start()  # no DicomModalities: our AE title is unknown to it
+    try:
+        orthanc.upload(files)
+        url = settings.effective_database_url
+        sweep_id = new_sweep(url, DAY1, DAY1)
+        runner = SweepRunner(sweep_id, settings, source_for("dicom", orthanc), None, owner="test-owner")
+        runner.run()
+    finally:
+        orthanc.stop()
+    with session_scope(url) as session:
+        sweep = session.get(Sweep, sweep_id)
+        assert sweep is not None
+        assert sweep.state == SweepState.FAILED
+        assert sweep.error is not None and "PREREAD" in sweep.error and "c-get" in sweep.error
+    assert rows(url, sweep_id)[uid].state in ("counted", "retrieving"), "the study stays held for a resume"
