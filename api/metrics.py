@@ -144,9 +144,9 @@ class PipelineCollector(Collector):
             except Exception as exc:
                 log.warning("queue depths unavailable: %s", type(exc).__name__)
                 depths = {}
-            for queue, n in sorted(depths.items()):
-                if n is not None:
-                    depth.add_metric([queue], n)
+            for queue, waiting in sorted(depths.items()):
+                if waiting is not None:
+                    depth.add_metric([queue], waiting)
         yield depth
 
     def _processes(self, session: Session) -> Iterator[Metric]:

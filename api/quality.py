@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import cast
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -77,7 +78,7 @@ def quality(session: Session, settings: Settings, thresholds: dict[str, ProbeThr
         probes=[
             probe_quality(probe, threshold_for(thresholds, probe, settings).priority, pairs[probe]) for probe in sorted(pairs)
         ],
-        verdicts=[models.VerdictQuality(verdict=v, count=c, rate=c / total if total else 0.0) for v, c in verdicts.items()],
+        verdicts=[models.VerdictQuality(verdict=cast(models.Verdict, v), count=c, rate=c / total if total else 0.0) for v, c in verdicts.items()],
         versions=[
             models.VersionQuality(
                 model_id=model_id, prompt_version=prompt, answered=sum(counts.values()),

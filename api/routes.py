@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
@@ -66,8 +66,8 @@ def _item(request: Request, row: Row) -> models.WorklistItem:
         study_description=study.study_description,
         state=study.state,
         received_at=study.first_received_at,
-        urgency=from_rank(study.priority),
-        report_urgency=report.urgency if report and report.urgency in URGENCIES else None,
+        urgency=cast(models.Urgency, str(from_rank(study.priority))),
+        report_urgency=cast(models.Urgency, report.urgency) if report and report.urgency in URGENCIES else None,
         urgency_reason=urgency_reason(study.priority, study.urgency, report.urgency if report else None, top),
         top_probe=probes[0] if probes else None,
         probes=probes,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
@@ -136,7 +137,7 @@ def study_detail(session: Session, study: Study, settings: Settings, thresholds:
             state_changed_at=study.state_changed_at,
             drafted_at=current.created_at if current else None,
         ),
-        urgency=from_rank(study.priority),
+        urgency=cast(models.Urgency, str(from_rank(study.priority))),
         urgency_reason=urgency_reason(study.priority, study.urgency, current.urgency if current else None, top),
         reprocess_pending=reprocess_pending(session, study),
         viewer_url=viewer_link(settings, study),
@@ -153,7 +154,7 @@ def study_detail(session: Session, study: Study, settings: Settings, thresholds:
             for n, (w, h, win) in enumerate(images)
         ],
         feedback=[
-            models.FeedbackOut(id=f.id, report_id=f.report_id, token_name=f.token_name, verdict=f.verdict, text=f.text,
+            models.FeedbackOut(id=f.id, report_id=f.report_id, token_name=f.token_name, verdict=cast(models.Verdict, f.verdict), text=f.text,
                                labels=dict(f.labels or {}), created_at=f.created_at)
             for f in feedback
         ],

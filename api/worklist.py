@@ -69,7 +69,7 @@ def _modality_match(modality: str):  # type: ignore[no-untyped-def]
 SELECTIVE_MATCHES = 3000
 
 
-def _probe_matches(filters: Filters) -> Select:  # type: ignore[type-arg]
+def _probe_matches(filters: Filters) -> Select:
     """Study ids whose current score of the filter's probe is at least ``min_score`` (served by its index)."""
     query = select(ProbeScore.study_id).where(ProbeScore.condition == filters.probe, ProbeScore.current)
     if filters.min_score is not None:
@@ -85,7 +85,7 @@ def _selective(session: Session, filters: Filters) -> bool:
     return (session.scalar(select(func.count()).select_from(capped)) or 0) <= SELECTIVE_MATCHES
 
 
-def _filtered(query: Select, filters: Filters, selective: bool = False) -> Select:  # type: ignore[type-arg]
+def _filtered(query: Select, filters: Filters, selective: bool = False) -> Select:
     if filters.state is not None:
         query = query.where(Study.state == str(filters.state))
     if filters.urgency is not None:

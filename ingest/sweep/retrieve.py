@@ -25,7 +25,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from preread.ingest.listener.transport import park_reactor
-from preread.ingest.listener.ae import TRANSFER_SYNTAXES, IngestContext, handle_store
+from preread.ingest.listener.ae import TRANSFER_SYNTAXES
+from preread.ingest.listener.handlers import IngestContext, handle_store
 from preread.ingest.sweep.dimse import QRStatus, SourceUnavailable, associate, slots, where
 from preread.ingest.sweep.query import HTTP_TIMEOUT, FolderQuery, http_session
 from preread.ingest.sweep.sources import DicomSource, DicomWebSource, FolderSource, Retrieve

@@ -339,7 +339,7 @@ def run_sweeps_once(settings: Settings, state: Sweeps = _STATE) -> int:
 
 
 def _run_sweeps_once(settings: Settings, state: Sweeps) -> int:
-    env = SweepEnv()  # type: ignore[call-arg]  # all fields have defaults
+    env = SweepEnv()
     try:
         sources = load_sources(settings)
     except SourceError as exc:

@@ -132,7 +132,7 @@ def load_sources(settings: Any = None, config_file: Path | None = None) -> list[
     configured = getattr(settings, "sources", None) if settings is not None else None
     if configured is not None:
         return parse_sources([s.model_dump() if isinstance(s, BaseModel) else s for s in configured])
-    path = config_file or SweepEnv().config_file  # type: ignore[call-arg]  # all fields have defaults
+    path = config_file or SweepEnv().config_file
     if path is None:
         return []
     try:

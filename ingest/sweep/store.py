@@ -16,8 +16,10 @@ from pydicom import dcmread
 
 from preread.ingest.assembly.catalog import identity_of
 from preread.ingest.assembly.index import InstanceIndex
-from preread.ingest.listener.ae import IngestContext, Malformed, check_structure, header_dataset
-from preread.ingest.storage import files as storage
+from preread.ingest.listener.handlers import IngestContext
+from preread.ingest.listener.structure import Malformed, check_structure, header_dataset
+from preread.ingest.storage.layout import store_instance
+from preread.ingest.storage.space import has_free_space
 from preread.ingest.storage.part10 import file_meta_bytes
 from preread.schemas.database import engine_for
 from preread.schemas.settings import Settings
@@ -71,12 +73,12 @@ def store_part10(ctx: IngestContext, data: bytes) -> bool:
     syntax, offset = split_part10(data)
     view = memoryview(data)[offset:]
     found = check_structure(view, syntax)
-    ds = header_dataset(lambda: bytes(data), found, syntax)
+    ds = header_dataset(bytes(data), found, syntax)
     ident = identity_of(ds)
     meta = file_meta_bytes(ident.sop_class_uid, ident.sop_instance_uid, syntax)
-    if not storage.has_free_space(ctx.storage_dir, ctx.min_free_bytes, len(view)):
+    if not has_free_space(ctx.storage_dir, ctx.min_free_bytes, len(view)):
         raise OSError(f"free space below PREREAD_MIN_FREE_BYTES in {ctx.storage_dir}")
-    stored = storage.store_instance(ctx.storage_dir, ident, (meta, view), sync=ctx.sync_writes)
+    stored = store_instance(ctx.storage_dir, ident, (meta, view), sync=ctx.sync_writes)
     return ctx.index.record(
         ds, ident, stored.path, stored.size, syntax,
         full_header=lambda: dcmread(BytesIO(data), stop_before_pixels=True),
