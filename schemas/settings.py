@@ -10,6 +10,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from typing import Any, Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -72,6 +74,18 @@ class Settings(BaseSettings):
     export_fhir: bool = Field(False, description="Write a FHIR DiagnosticReport (preliminary) per drafted study.")
     webhook_url: str | None = Field(None, description="POST signed JSON here when a draft is ready.")
     webhook_secret: str | None = Field(None, description="HMAC-SHA256 key for the webhook signature header.")
+    # (results-out issue) destinations and how results are written; the settings file holds `[[destinations]]`.
+    destinations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Named result destinations ([[destinations]] tables: name, kind, fields of the kind)."
+    )
+    sr_template: Literal["comprehensive-3d", "basic-text"] = Field(
+        "comprehensive-3d", description="DICOM SR written: a TID 1500 Comprehensive 3D SR, or a Basic Text SR for simple viewers."
+    )
+    fhir_version: Literal["R4", "R4B"] = Field("R4", description="FHIR release of the Bundle posted to FHIR servers.")
+    patient_id_system: str | None = Field(
+        None, description="FHIR identifier system of the Patient ID (the RIS's MRN namespace, e.g. urn:oid:...)."
+    )
+    delivery_max_age: float = Field(86400.0, description="Seconds a delivery is retried (with backoff) before it is failed.")
 
     # --- triage ----------------------------------------------------------------------
     priority_threshold: float = Field(0.5, description="Probe score from which a study is 'priority'.")
@@ -95,7 +109,7 @@ class Settings(BaseSettings):
     @property
     def export_enabled(self) -> bool:
         """Whether drafted studies go on to the export queue."""
-        return self.export_fhir or bool(self.webhook_url)
+        return self.export_fhir or bool(self.webhook_url) or bool(self.destinations)
 
     @property
     def exports_dir(self) -> Path:
