@@ -86,6 +86,7 @@ class Settings(BaseSettings):
         None, description="FHIR identifier system of the Patient ID (the RIS's MRN namespace, e.g. urn:oid:...)."
     )
     delivery_max_age: float = Field(86400.0, description="Seconds a delivery is retried (with backoff) before it is failed.")
+    delivery_backoff_max: float = Field(900.0, description="Longest wait between two attempts of one delivery, in seconds.")
 
     # --- triage ----------------------------------------------------------------------
     priority_threshold: float = Field(0.5, description="Probe score from which a study is 'priority'.")

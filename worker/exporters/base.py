@@ -17,7 +17,7 @@ from preread.schemas.settings import Settings
 from preread.worker.exporters.context import ExportContext
 
 
-class DeliveryError(Exception):
+class DeliveryError(ConnectionError):
     """Sending failed for now (peer down, timeout, refused): try again later. The message names no patient."""
 
 

@@ -1,103 +1,39 @@
-"""Exporters: push a drafted study's current report to the reading side.
+"""The export step: deliver a DRAFTED study's current report to every destination.
 
-A FHIR R4 DiagnosticReport (status ``preliminary``: a machine draft awaiting a
-radiologist) written under the data dir, and a JSON webhook signed with
-HMAC-SHA256 in ``X-Preread-Signature``. Neither carries a patient name or ID:
-the receiver matches on Study Instance UID and accession number.
+The Celery export task and ``preread draft`` call this once per draft. It plans one
+delivery row per destination and sends them all at once, each destination in its own
+thread; what fails stays pending with its next attempt time, and the coordinator's
+:func:`~preread.worker.exporters.deliveries.deliver_due` retries it. The study becomes
+EXPORTED when every delivery has finished, so an unreachable destination never fails
+the study nor holds up the others.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import os
-import urllib.request
-from pathlib import Path
-from typing import Any
+import logging
 
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Study, StudyState
-from preread.worker.pipeline.stages import EXPORTABLE, BadInput, StepOutcome, Superseded, current_report, set_state, study_in_state
+from preread.worker.exporters.deliveries import deliver_report
+from preread.worker.pipeline.stages import EXPORTABLE, BadInput, StepOutcome, current_report, study_in_state
 
-SIGNATURE_HEADER = "X-Preread-Signature"
-
-
-def fhir_diagnostic_report(study: Study, report: Any) -> dict[str, Any]:
-    """A FHIR R4 DiagnosticReport for a draft: preliminary, conclusion = impression."""
-    return {
-        "resourceType": "DiagnosticReport",
-        "status": "preliminary",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
-        "code": {"text": study.study_description or "Imaging study"},
-        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study.study_instance_uid}"}],
-        "issued": report.created_at.isoformat(),
-        "conclusion": report.impression or "",
-        "extension": [
-            {"url": "urn:preread:model", "valueString": report.model_id},
-            {"url": "urn:preread:prompt-version", "valueString": report.prompt_version},
-            {"url": "urn:preread:urgency", "valueString": study.urgency or "routine"},
-        ],
-        "text": {"status": "generated", "div": f"<div xmlns=\"http://www.w3.org/1999/xhtml\"><pre>{_xml_escape(report.draft_text or report.raw_output)}</pre></div>"},
-    }
-
-
-def _xml_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def sign(body: bytes, secret: str) -> str:
-    """The webhook signature: ``sha256=<hex HMAC of the body>``."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def post_webhook(url: str, payload: dict[str, Any], secret: str | None, timeout: float = 10.0) -> None:
-    """POST ``payload`` as JSON; raises ``ConnectionError`` on failure so the task retries."""
-    body = json.dumps(payload, sort_keys=True).encode()
-    headers = {"Content-Type": "application/json"}
-    if secret:
-        headers[SIGNATURE_HEADER] = sign(body, secret)
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (URL from settings)
-            if response.status >= 300:
-                raise ConnectionError(f"webhook answered {response.status}")
-    except OSError as exc:
-        raise ConnectionError(f"webhook unreachable: {type(exc).__name__}") from exc
+log = logging.getLogger(__name__)
 
 
 def export_step(settings: Settings, study_id: int) -> StepOutcome:
-    """Export the current report of a DRAFTED study; the study becomes EXPORTED."""
+    """Deliver the current report of a DRAFTED study; EXPORTED once every destination has it."""
     with session_scope(settings.effective_database_url) as session:
-        study = study_in_state(session, study_id, EXPORTABLE)
+        study_in_state(session, study_id, EXPORTABLE)
         report = current_report(session, study_id)
         if report is None:
             raise BadInput("drafted study has no current report")
-        resource = fhir_diagnostic_report(study, report)
-        payload = {
-            "event": "draft.ready",
-            "study_instance_uid": study.study_instance_uid,
-            "accession_number": study.accession_number,
-            "urgency": study.urgency,
-            "report": {"draft": report.draft_text, "structured": report.structured, "parse_status": report.parse_status},
-        }
-        uid = study.study_instance_uid
-    if settings.export_fhir:
-        _write_atomic(settings.exports_dir / f"{uid}.json", json.dumps(resource, indent=2).encode())
-    if settings.webhook_url:
-        post_webhook(settings.webhook_url, payload, settings.webhook_secret)
+        report_id = report.id
+    delivered, still_open = deliver_report(settings, study_id, report_id)
     with session_scope(settings.effective_database_url) as session:
-        if not set_state(session, study_id, StudyState.EXPORTED, expect=EXPORTABLE):
-            raise Superseded(f"study {study_id} changed state while exporting")
-    return StepOutcome(study_id, StudyState.EXPORTED)
+        study = session.get(Study, study_id)
+        state = StudyState(study.state) if study is not None else StudyState.DRAFTED
+    detail = f"{delivered} delivered, {still_open} pending"
+    if still_open:
+        log.info("study %s: %s; the coordinator retries the rest", study_id, detail)
+    return StepOutcome(study_id, state, detail=detail)
