@@ -238,11 +238,11 @@ def deliver_due(settings: Settings, *, wait: bool = False) -> int:
     destinations = destinations_from_settings(settings)
     if not destinations:
         return 0
-    now = utcnow()
     with session_scope(settings.effective_database_url) as session:
         planned = plan(session, destinations)
         _expire_unconfirmed(session, settings)
-        due_names = set(session.execute(select(Delivery.destination).where(_due(now)).distinct()).scalars())
+    with session_scope(settings.effective_database_url) as session:
+        due_names = set(session.execute(select(Delivery.destination).where(_due(utcnow())).distinct()).scalars())
     futures = [f for d in destinations if d.name in due_names if (f := _SENDERS.submit(settings, d)) is not None]
     if not wait:
         return planned
