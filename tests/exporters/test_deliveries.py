@@ -1,0 +1,76 @@
+"""Deliveries under faults: a PACS that hangs delays nothing else, and gets every pending result once when back."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+from sqlalchemy import select
+
+from preread.schemas.database import session_scope
+from preread.schemas.settings import Settings
+from preread.schemas.tables import Delivery, DeliveryState, Study, StudyState
+from preread.worker.exporters.deliveries import deliver_due
+from tests.exporters.drafted import Recorder, drafted_study
+from tests.support.orthanc import Orthanc
+from tests.support.procs import wait_until
+
+N = 5
+
+
+def _coordinator(settings: Settings, stop: threading.Event) -> None:
+    """What the coordinator does each pass, on its own timer."""
+    while not stop.is_set():
+        deliver_due(settings)
+        stop.wait(0.2)
+
+
+def test_hung_pacs_delays_nothing_and_gets_every_result_once_when_back(pg_url: str, tmp_path: Path) -> None:
+    studies = {drafted_study(pg_url, tmp_path / "src", n=i)[1] for i in range(N)}
+    orthanc = Orthanc(tmp_path / "orthanc")
+    hung = socket.socket()  # accepts connections on the PACS port and never answers
+    hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hung.bind(("127.0.0.1", orthanc.dicom_port))
+    hung.listen(16)
+    stop = threading.Event()
+    with Recorder() as ehr, Recorder() as hook:
+        settings = Settings(database_url=pg_url, data_dir=tmp_path / "data", delivery_backoff_max=1.0, destinations=[
+            {"name": "pacs", "kind": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
+             "timeout": 15},
+            {"name": "ehr", "kind": "fhir", "url": ehr.url},
+            {"name": "hook", "kind": "webhook", "url": hook.url, "secret": "s"},
+        ])
+        loop = threading.Thread(target=_coordinator, args=(settings, stop), daemon=True)
+        loop.start()
+        try:
+            wait_until(lambda: len(ehr.received) == N and len(hook.received) == N, 60, what="the two live destinations")
+            with session_scope(pg_url) as session:
+                pacs = session.scalars(select(Delivery).where(Delivery.destination == "pacs")).all()
+                assert len(pacs) == N and not [r for r in pacs if r.state == DeliveryState.DELIVERED]
+                assert {s.state for s in session.scalars(select(Study))} == {StudyState.DRAFTED}
+            hung.close()
+            orthanc.start()
+            wait_until(lambda: len(orthanc.instances()) >= N, 180, what="the pending SRs in Orthanc")
+
+            def exported() -> bool:
+                with session_scope(pg_url) as session:
+                    return {s.state for s in session.scalars(select(Study))} == {StudyState.EXPORTED}
+
+            wait_until(exported, 60, what="every study EXPORTED")
+            stop.set()
+            loop.join(30)
+            uids = orthanc.sop_instance_uids()
+            assert len(uids) == len(set(uids)) == N, "each pending result exactly once"
+            assert {orthanc.get(f"/instances/{i}/simplified-tags")["StudyInstanceUID"] for i in orthanc.instances()} == studies
+        finally:
+            stop.set()
+            loop.join(30)
+            orthanc.stop()
+    assert len(ehr.received) == len(hook.received) == N, "the live destinations got each result once"
+    assert {json.loads(body)["study_instance_uid"] for _, _, body in hook.received} == studies
+    with session_scope(pg_url) as session:
+        rows = session.scalars(select(Delivery)).all()
+        assert len(rows) == 3 * N and {r.state for r in rows} == {DeliveryState.DELIVERED}
+        assert max(r.attempts for r in rows if r.destination == "pacs") >= 2, "the hung PACS delivery was retried"
