@@ -197,3 +197,20 @@ def test_basic_text_sr_is_valid(pg_url: str, tiny_model_dir: Path, tmp_path: Pat
         assert errors == [], "\n".join(errors)
         dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60).stdout
         assert re.search(r"Impression", dump) and "probability" in dump
+
+
+def test_stow_rs_to_orthanc_dicomweb(pg_url: str, tmp_path: Path) -> None:
+    from tests.exporters.drafted import PROBES, drafted_study
+
+    _, study_uid = drafted_study(pg_url, tmp_path / "src")
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        settings = Settings(database_url=pg_url, data_dir=tmp_path / "data",
+                            destinations=[{"name": "web", "kind": "dicomweb", "url": orthanc.dicomweb_url}])
+        deliver_due(settings, wait=True)
+        [iid] = orthanc.instances()
+        ds = dcmread(io.BytesIO(orthanc.get_bytes(f"/instances/{iid}/file")))
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    assert sr.StudyInstanceUID == study_uid and sr.SeriesDescription == SERIES_DESCRIPTION
+    assert {k: v for k, (v, _) in _probabilities(sr).items()} == PROBES
+    with session_scope(pg_url) as session:
+        assert session.scalars(select(Delivery.state)).all() == [DeliveryState.DELIVERED]
