@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 
+from pydicom.uid import generate_uid
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
@@ -77,13 +78,14 @@ def _due(now: datetime):  # type: ignore[no-untyped-def]
     )
 
 
-def _claim(session: Session, delivery_id: int) -> bool:
+def _claim(session: Session, delivery_id: int, commitment_uid: str | None = None) -> bool:
+    """Take a due row for this sender; with Storage Commitment, record the transaction before asking for it."""
     now = utcnow()
-    claimed = session.execute(
-        update(Delivery)
-        .where(Delivery.id == delivery_id, _due(now))
-        .values(state=DeliveryState.SENDING, next_attempt_at=now + timedelta(seconds=LEASE_S), updated_at=now)
-    ).rowcount
+    values: dict[str, object] = {"state": DeliveryState.SENDING, "next_attempt_at": now + timedelta(seconds=LEASE_S),
+                                 "updated_at": now}
+    if commitment_uid is not None:
+        values["commitment_uid"] = commitment_uid
+    claimed = session.execute(update(Delivery).where(Delivery.id == delivery_id, _due(now)).values(**values)).rowcount
     return bool(claimed)
 
 
@@ -109,13 +111,15 @@ def _finish_study(session: Session, study_id: int) -> None:
 def _record_success(settings: Settings, delivery_id: int, study_id: int, commitment_uid: str | None) -> None:
     now = utcnow()
     with session_scope(settings.effective_database_url) as session:
+        # A commitment report may already have confirmed the row (it can beat this write): keep that.
         session.execute(
-            update(Delivery).where(Delivery.id == delivery_id).values(
+            update(Delivery).where(Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING).values(
                 state=DeliveryState.UNCONFIRMED if commitment_uid else DeliveryState.DELIVERED,
-                attempts=Delivery.attempts + 1, sent_at=now, commitment_uid=commitment_uid, last_error=None,
-                next_attempt_at=now, updated_at=now,
+                commitment_uid=commitment_uid, last_error=None, next_attempt_at=now,
             )
         )
+        session.execute(update(Delivery).where(Delivery.id == delivery_id).values(
+            attempts=Delivery.attempts + 1, sent_at=now, updated_at=now))
         _finish_study(session, study_id)
 
 
@@ -171,15 +175,18 @@ def work_destination(settings: Settings, dest: Destination, report_id: int | Non
             if not rows:
                 return sent
             for delivery_id, rid, study_id in rows:
+                transaction_uid = str(generate_uid()) if getattr(dest, "storage_commitment", False) else None
                 try:
                     with session_scope(settings.effective_database_url) as session:
-                        if not _claim(session, delivery_id):
+                        if not _claim(session, delivery_id, transaction_uid):
                             continue
                     with session_scope(settings.effective_database_url) as session:
                         ctx = load_context(session, settings, rid)
                 except ExportInputError as exc:
                     _record_failure(settings, dest, delivery_id, study_id, str(exc), permanent=True)
                     continue
+                if transaction_uid is not None:
+                    exporter.transaction_uid = transaction_uid  # type: ignore[attr-defined]
                 try:
                     result = exporter.send(ctx, settings)
                 except PermanentDeliveryError as exc:
@@ -267,8 +274,10 @@ def confirm_commitment(settings: Settings, transaction_uid: str, committed: bool
     """The listener's hook for an N-EVENT-REPORT: confirm (or fail) the deliveries of that transaction."""
     now = utcnow()
     with session_scope(settings.effective_database_url) as session:
-        rows = session.execute(select(Delivery).where(Delivery.commitment_uid == transaction_uid,
-                                                      Delivery.state == DeliveryState.UNCONFIRMED)).scalars().all()
+        rows = session.execute(select(Delivery).where(
+            Delivery.commitment_uid == transaction_uid,
+            Delivery.state.in_([DeliveryState.UNCONFIRMED, DeliveryState.SENDING]),
+        )).scalars().all()
         for row in rows:
             row.state = DeliveryState.DELIVERED if committed else DeliveryState.FAILED
             row.confirmed_at = now if committed else None

@@ -57,6 +57,8 @@ class DicomExporter:
         self.destination = destination
         self._assoc: Association | None = None
         self.associations_opened = 0
+        #: The Storage Commitment Transaction UID of the next send, recorded on the delivery row first.
+        self.transaction_uid: str | None = None
 
     def _associate(self, settings: Settings) -> Association:
         if self._assoc is not None and self._assoc.is_established:
@@ -103,7 +105,8 @@ class DicomExporter:
     def request_commitment(self, dataset: Dataset, settings: Settings) -> str:
         """N-ACTION Request Storage Commitment for one SR; returns its Transaction UID."""
         assoc = self._associate(settings)
-        transaction_uid = str(generate_uid())
+        transaction_uid = self.transaction_uid or str(generate_uid())
+        self.transaction_uid = None
         request = Dataset()
         request.TransactionUID = transaction_uid
         ref = Dataset()
