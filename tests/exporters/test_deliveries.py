@@ -13,7 +13,7 @@ from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Delivery, DeliveryState, Study, StudyState
 from preread.worker.exporters.deliveries import deliver_due
-from tests.exporters.drafted import Recorder, drafted_study
+from tests.support.drafted import Recorder, drafted_study
 from tests.support.orthanc import Orthanc
 from tests.support.procs import wait_until
 

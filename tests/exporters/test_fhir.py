@@ -14,7 +14,7 @@ from preread.schemas.settings import Settings
 from preread.schemas.tables import Delivery, DeliveryState, Study, StudyState
 from preread.worker.exporters.deliveries import deliver_due
 from tests.support.procs import wait_until
-from tests.exporters.drafted import FINDINGS, PATIENT, PROBES, Recorder, drafted_study
+from tests.support.drafted import FINDINGS, PATIENT, PROBES, Recorder, drafted_study
 
 MRN_SYSTEM = "urn:oid:1.2.3.4.5.6.7"
 

@@ -13,7 +13,7 @@ from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Delivery, DeliveryState
 from preread.worker.exporters.deliveries import deliver_due
-from tests.exporters.drafted import FINDINGS, PATIENT, PROBES, drafted_study
+from tests.support.drafted import FINDINGS, PATIENT, PROBES, drafted_study
 
 
 class MllpServer:

@@ -200,7 +200,7 @@ def test_basic_text_sr_is_valid(pg_url: str, tiny_model_dir: Path, tmp_path: Pat
 
 
 def test_stow_rs_to_orthanc_dicomweb(pg_url: str, tmp_path: Path) -> None:
-    from tests.exporters.drafted import PROBES, drafted_study
+    from tests.support.drafted import PROBES, drafted_study
 
     _, study_uid = drafted_study(pg_url, tmp_path / "src")
     with Orthanc(tmp_path / "orthanc") as orthanc:
@@ -220,7 +220,7 @@ def test_storage_commitment_confirms_the_delivery(pg_url: str, tmp_path: Path) -
     from pynetdicom import AE, evt
 
     from preread.worker.exporters.commitment import COMMITMENT_CONTEXT_ROLES, COMMITMENT_SOP_CLASS, handle_n_event_report
-    from tests.exporters.drafted import drafted_study
+    from tests.support.drafted import drafted_study
     from tests.support.procs import free_port, wait_until
 
     study_id, _ = drafted_study(pg_url, tmp_path / "src")

@@ -98,6 +98,8 @@ def _finish_study(session: Session, study_id: int) -> None:
     """EXPORTED once every delivery of the study's current report has finished."""
     from preread.worker.pipeline.stages import EXPORTABLE, set_state
 
+    # Lock the study (Postgres) so two destinations finishing at once cannot both see the other open.
+    session.execute(select(Study.id).where(Study.id == study_id).with_for_update())
     open_rows = session.execute(
         select(Delivery.id)
         .join(Report, Report.id == Delivery.report_id)
@@ -264,6 +266,7 @@ def deliver_report(settings: Settings, study_id: int, report_id: int) -> tuple[i
     with ThreadPoolExecutor(max_workers=max(1, len(destinations))) as pool:
         delivered = sum(pool.map(lambda d: work_destination(settings, d, report_id), destinations))
     with session_scope(settings.effective_database_url) as session:
+        _finish_study(session, study_id)
         still_open = len(session.execute(
             select(Delivery.id).where(Delivery.report_id == report_id, Delivery.state.not_in([str(s) for s in FINISHED]))
         ).all())

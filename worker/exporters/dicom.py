@@ -53,6 +53,9 @@ def client_context(tls: Any) -> ssl.SSLContext | None:
 class DicomExporter:
     """C-STORE of the report's SR to one DICOM destination."""
 
+    #: Associations opened by every exporter of this process (``bench/export.py`` reports it).
+    total_associations = 0
+
     def __init__(self, destination: Any) -> None:
         self.destination = destination
         self._assoc: Association | None = None
@@ -79,6 +82,7 @@ class DicomExporter:
             why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
             raise DeliveryError(f"DICOM destination {dest.name!r} ({dest.ae_title}@{dest.host}:{dest.port}): association {why}")
         self.associations_opened += 1
+        DicomExporter.total_associations += 1
         self._assoc = assoc
         return assoc
 
