@@ -12,7 +12,7 @@ import enum
 import logging
 from typing import Any
 
-from pynetdicom.sop_class import StorageCommitmentPushModel
+from pynetdicom import sop_class
 
 from preread.schemas.settings import Settings
 from preread.worker.exporters.deliveries import confirm_commitment
@@ -20,7 +20,7 @@ from preread.worker.exporters.deliveries import confirm_commitment
 log = logging.getLogger(__name__)
 
 #: The listener accepts the Storage Commitment Push Model with the PACS as SCP (it sends the report).
-COMMITMENT_SOP_CLASS = StorageCommitmentPushModel
+COMMITMENT_SOP_CLASS: str = sop_class.StorageCommitmentPushModel  # type: ignore[attr-defined]  # pynetdicom builds its SOP class names at import
 COMMITMENT_CONTEXT_ROLES = {"scu_role": False, "scp_role": True}
 
 

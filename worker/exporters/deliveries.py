@@ -19,9 +19,10 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 from pydicom.uid import generate_uid
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import CursorResult, and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from preread.schemas.database import session_scope
@@ -71,7 +72,7 @@ def plan(session: Session, destinations: Sequence[Destination], study_id: int | 
     return created
 
 
-def _due(now: datetime):  # type: ignore[no-untyped-def]
+def _due(now: datetime) -> Any:
     return and_(
         Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING]),
         Delivery.next_attempt_at <= now,
@@ -85,13 +86,14 @@ def _claim(session: Session, delivery_id: int, commitment_uid: str | None = None
                                  "updated_at": now}
     if commitment_uid is not None:
         values["commitment_uid"] = commitment_uid
-    claimed = session.execute(update(Delivery).where(Delivery.id == delivery_id, _due(now)).values(**values)).rowcount
+    result = cast(CursorResult[Any], session.execute(update(Delivery).where(Delivery.id == delivery_id, _due(now)).values(**values)))
+    claimed = result.rowcount
     return bool(claimed)
 
 
 def backoff_s(attempts: int, settings: Settings) -> float:
     """Seconds before the next attempt after ``attempts`` failures: exponential, capped, jittered."""
-    return random.uniform(0.75, 1.0) * min(settings.delivery_backoff_max, RETRY_BASE_S * 2 ** max(0, attempts - 1))
+    return float(random.uniform(0.75, 1.0) * min(settings.delivery_backoff_max, RETRY_BASE_S * 2 ** max(0, attempts - 1)))
 
 
 def _finish_study(session: Session, study_id: int) -> None:
@@ -164,7 +166,8 @@ def _due_ids(settings: Settings, name: str, report_id: int | None) -> list[tuple
         stmt = select(Delivery.id, Delivery.report_id, Delivery.study_id).where(Delivery.destination == name, _due(utcnow()))
         if report_id is not None:
             stmt = stmt.where(Delivery.report_id == report_id)
-        return [tuple(r) for r in session.execute(stmt.order_by(Delivery.next_attempt_at, Delivery.id).limit(BATCH)).all()]  # type: ignore[misc]
+        rows = session.execute(stmt.order_by(Delivery.next_attempt_at, Delivery.id).limit(BATCH)).all()
+        return [(int(r[0]), int(r[1]), int(r[2])) for r in rows]
 
 
 def work_destination(settings: Settings, dest: Destination, report_id: int | None = None) -> int:
@@ -188,7 +191,7 @@ def work_destination(settings: Settings, dest: Destination, report_id: int | Non
                     _record_failure(settings, dest, delivery_id, study_id, str(exc), permanent=True)
                     continue
                 if transaction_uid is not None:
-                    exporter.transaction_uid = transaction_uid  # type: ignore[attr-defined]
+                    setattr(exporter, "transaction_uid", transaction_uid)  # only the dicom exporter asks for commitment
                 try:
                     result = exporter.send(ctx, settings)
                 except PermanentDeliveryError as exc:
@@ -307,4 +310,4 @@ def resend(session: Session, *, study_uids: Sequence[str] = (), since: datetime 
     if destination is not None:
         stmt = stmt.where(Delivery.destination == destination)
     stmt = stmt.where(or_(Delivery.state != DeliveryState.SENDING, Delivery.next_attempt_at <= utcnow()))
-    return int(session.execute(stmt).rowcount)
+    return int(cast(CursorResult[Any], session.execute(stmt)).rowcount)

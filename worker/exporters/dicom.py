@@ -16,8 +16,10 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, Association
-from pynetdicom.sop_class import BasicTextSRStorage, Comprehensive3DSRStorage, StorageCommitmentPushModel
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pydicom.uid import BasicTextSRStorage, Comprehensive3DSRStorage
+from pynetdicom import sop_class
 from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from preread.schemas.settings import Settings
@@ -27,6 +29,8 @@ from preread.worker.exporters.sr import build_sr
 
 log = logging.getLogger(__name__)
 
+#: Storage Commitment Push Model SOP Class (pynetdicom builds its SOP class names at import, so mypy cannot see them).
+STORAGE_COMMITMENT_PUSH_MODEL: str = sop_class.StorageCommitmentPushModel  # type: ignore[attr-defined]
 #: Storage Commitment Push Model: N-ACTION Action Type ID "Request Storage Commitment" (PS3.4 J.3.2).
 REQUEST_STORAGE_COMMITMENT = 1
 #: The well-known SOP Instance UID of the Storage Commitment Push Model (PS3.4 J.3.5).
@@ -72,7 +76,7 @@ class DicomExporter:
         for sop_class in (Comprehensive3DSRStorage, BasicTextSRStorage):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         if dest.storage_commitment:
-            ae.add_requested_context(StorageCommitmentPushModel)
+            ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
         context = client_context(dest.tls)
         kwargs: dict[str, Any] = {"ae_title": dest.ae_title}
         if context is not None:
@@ -117,7 +121,7 @@ class DicomExporter:
         ref.ReferencedSOPClassUID = dataset.SOPClassUID
         ref.ReferencedSOPInstanceUID = dataset.SOPInstanceUID
         request.ReferencedSOPSequence = [ref]
-        status, _reply = assoc.send_n_action(request, REQUEST_STORAGE_COMMITMENT, StorageCommitmentPushModel, STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE)
+        status, _reply = assoc.send_n_action(request, REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE)
         if not status or code_to_category(int(status.Status)) not in (STATUS_SUCCESS, STATUS_WARNING):
             raise DeliveryError(f"DICOM destination {self.destination.name!r}: Storage Commitment request refused")
         return transaction_uid

@@ -24,7 +24,7 @@ def render(kind: str, ctx: ExportContext, settings: Settings) -> bytes:
     if kind == "fhir":
         from preread.worker.exporters.fhir import bundle_json
 
-        return bundle_json(ctx, settings)
+        return bytes(bundle_json(ctx, settings))
     if kind == "sr":
         from preread.worker.exporters.sr import build_sr
 
@@ -34,10 +34,10 @@ def render(kind: str, ctx: ExportContext, settings: Settings) -> bytes:
     if kind == "webhook":
         from preread.worker.exporters.webhook import webhook_body
 
-        return webhook_body(ctx)
+        return bytes(webhook_body(ctx))
     from preread.worker.exporters.hl7 import oru_message
 
-    return oru_message(ctx, settings).encode()
+    return str(oru_message(ctx, settings)).encode()
 
 
 @register("folder")

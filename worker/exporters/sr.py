@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 from highdicom.sr import (
     CodeContentItem,
+    ContentItem,
     CodedConcept,
     ContainerContentItem,
     RelationshipTypeValues,
@@ -161,7 +163,7 @@ def _observer(ctx: ExportContext) -> hd.sr.ObservationContext:
 
 def _finding_item(finding: FindingItem) -> TextContentItem:
     item = TextContentItem(name=codes.DCM.Finding, value=finding.text, relationship_type=RelationshipTypeValues.CONTAINS)
-    mods: list[Dataset] = []
+    mods: list[ContentItem] = []
     if finding.anatomy:
         mods.append(TextContentItem(name=FINDING_SITE, value=finding.anatomy, relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD))
     if finding.laterality in LATERALITIES:
@@ -218,7 +220,7 @@ def _comprehensive_content(ctx: ExportContext, header: Dataset) -> Dataset:
     )
     root = report[0]
     evaluations = ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS)
-    items: list[Dataset] = [_finding_item(f) for f in ctx.findings]
+    items: list[ContentItem] = [_finding_item(f) for f in ctx.findings]
     items.append(TextContentItem(name=codes.DCM.Impression, value=_impression(ctx), relationship_type=RelationshipTypeValues.CONTAINS))
     evaluations.ContentSequence = hd.sr.ContentSequence(items)
     root.ContentSequence.append(evaluations)
@@ -227,7 +229,7 @@ def _comprehensive_content(ctx: ExportContext, header: Dataset) -> Dataset:
 
 def _basic_text_content(ctx: ExportContext) -> Dataset:
     root = ContainerContentItem(name=REPORT_TITLE_TEXT)
-    items: list[Dataset] = list(_observer(ctx))
+    items: list[ContentItem] = [item for item in _observer(ctx) if isinstance(item, ContentItem)]
     for probe in ctx.probes:
         verdict = "present" if probe.present else "absent"
         items.append(TextContentItem(
@@ -269,7 +271,7 @@ def build_sr(ctx: ExportContext, settings: Settings, header: Dataset | None = No
         software_versions=software_versions(ctx),
         contribution_description=_lo("AI pre-read draft by " + ctx.model_id),
     )
-    common: dict[str, object] = dict(
+    common: dict[str, Any] = dict(
         evidence=evidence,
         series_instance_uid=sr_series_uid(ctx.study_instance_uid),
         series_number=SERIES_NUMBER,
@@ -287,7 +289,7 @@ def build_sr(ctx: ExportContext, settings: Settings, header: Dataset | None = No
     )
     if basic:
         return BasicTextSR(content=_basic_text_content(ctx), **common)
-    return hd.sr.Comprehensive3DSR(content=_comprehensive_content(ctx, header), **common)  # type: ignore[arg-type]
+    return hd.sr.Comprehensive3DSR(content=_comprehensive_content(ctx, header), **common)
 
 
 def write_sr(dataset: Dataset, path: object) -> None:
