@@ -9,6 +9,7 @@ import typer
 
 from preread.cli.db import db_app
 from preread.cli.draft import draft
+from preread.cli.export import export
 from preread.cli.listen import listen
 from preread.cli.render import render as render_command
 from preread.cli.run import coordinate, run
@@ -24,6 +25,7 @@ app.command("run")(run)
 app.command("coordinate")(coordinate)
 app.command("listen")(listen)
 app.command("render")(render_command)
+app.command("export")(export)
 
 
 def main() -> None:

@@ -46,20 +46,29 @@ FINISHED = (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.SUPERSE
 DELIVERABLE = (StudyState.DRAFTED, StudyState.EXPORTED)
 
 
-def plan(session: Session, destinations: Sequence[Destination], study_id: int | None = None) -> int:
-    """Create rows for current reports that have none; supersede unsent rows of reports no longer current."""
+def plan(session: Session, destinations: Sequence[Destination], study_id: int | None = None, *,
+         fill_missing: bool = False, study_ids: Sequence[int] | None = None) -> int:
+    """Create rows for current reports that have none; supersede unsent rows of reports no longer current.
+
+    ``fill_missing`` (``preread export``) also adds the destinations a report has no row for yet,
+    e.g. one configured after the report was delivered elsewhere.
+    """
     stmt = (
         select(Report.id, Report.study_id, Study.modalities, Study.urgency)
         .join(Study, Study.id == Report.study_id)
         .where(Report.current.is_(True), Study.state.in_([str(s) for s in DELIVERABLE]))
-        .where(~exists().where(Delivery.report_id == Report.id))
     )
+    if not fill_missing:
+        stmt = stmt.where(~exists().where(Delivery.report_id == Report.id))
     if study_id is not None:
         stmt = stmt.where(Report.study_id == study_id)
+    if study_ids is not None:
+        stmt = stmt.where(Report.study_id.in_(list(study_ids)))
     created = 0
     for report_id, sid, modalities, urgency in session.execute(stmt).all():
+        have = set(session.execute(select(Delivery.destination).where(Delivery.report_id == report_id)).scalars())
         for dest in destinations:
-            if dest.wants(modalities, urgency):
+            if dest.name not in have and dest.wants(modalities, urgency):
                 session.add(Delivery(report_id=report_id, study_id=sid, destination=dest.name, kind=dest.kind))
                 created += 1
         session.execute(
@@ -295,7 +304,7 @@ def confirm_commitment(settings: Settings, transaction_uid: str, committed: bool
 
 
 def resend(session: Session, *, study_uids: Sequence[str] = (), since: datetime | None = None,
-           destination: str | None = None) -> int:
+           destination: str | None = None, study_ids: Sequence[int] | None = None) -> int:
     """Make the current reports' deliveries due again now (``preread export``); returns rows reset."""
     stmt = (
         update(Delivery)
@@ -305,6 +314,8 @@ def resend(session: Session, *, study_uids: Sequence[str] = (), since: datetime 
     )
     if study_uids:
         stmt = stmt.where(Delivery.study_id.in_(select(Study.id).where(Study.study_instance_uid.in_(list(study_uids)))))
+    if study_ids is not None:
+        stmt = stmt.where(Delivery.study_id.in_(list(study_ids)))
     if since is not None:
         stmt = stmt.where(Delivery.created_at >= since)
     if destination is not None:
