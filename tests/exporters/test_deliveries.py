@@ -74,3 +74,39 @@ def test_hung_pacs_delays_nothing_and_gets_every_result_once_when_back(pg_url: s
         rows = session.scalars(select(Delivery)).all()
         assert len(rows) == 3 * N and {r.state for r in rows} == {DeliveryState.DELIVERED}
         assert max(r.attempts for r in rows if r.destination == "pacs") >= 2, "the hung PACS delivery was retried"
+
+
+def test_exporter_killed_mid_delivery_loses_nothing_and_stores_no_duplicate(pg_url: str, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from tests.support.procs import base_env, preread_argv
+
+    n = 12
+    studies = {drafted_study(pg_url, tmp_path / "src", n=i)[1] for i in range(n)}
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        destinations = [{"name": "pacs", "kind": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                         "port": orthanc.dicom_port, "timeout": 5}]
+        exporter = subprocess.Popen(
+            preread_argv("export"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=base_env(database_url=pg_url, data_dir=tmp_path / "data", destinations=json.dumps(destinations)),
+        )
+        try:
+            wait_until(lambda: len(orthanc.instances()) >= 2, 120, interval=0.05, what="the first SRs in Orthanc")
+        finally:
+            exporter.send_signal(signal.SIGKILL)
+            exporter.wait(30)
+        with session_scope(pg_url) as session:
+            undelivered = [r for r in session.scalars(select(Delivery)) if r.state != DeliveryState.DELIVERED]
+        assert undelivered, "killed before it finished (more SRs than it had time for)"
+        settings = Settings(database_url=pg_url, data_dir=tmp_path / "data", destinations=destinations)
+
+        def all_delivered() -> bool:
+            deliver_due(settings, wait=True)
+            with session_scope(pg_url) as session:
+                return {r.state for r in session.scalars(select(Delivery))} == {DeliveryState.DELIVERED}
+
+        wait_until(all_delivered, 120, interval=1.0, what="every delivery after the crash (the claimed one after its lease)")
+        uids = orthanc.sop_instance_uids()
+        assert len(uids) == len(set(uids)) == n, "nothing lost, no duplicate SOP Instance"
+        assert {orthanc.get(f"/instances/{i}/simplified-tags")["StudyInstanceUID"] for i in orthanc.instances()} == studies

@@ -34,8 +34,10 @@ from preread.worker.exporters.destinations import Destination, destinations_from
 
 log = logging.getLogger(__name__)
 
-#: How long a claimed row is ours before another sender may take it.
-LEASE_S = 300.0
+#: A claimed row is ours for this margin plus three of the destination's timeouts (associate, store,
+#: commit); after that a sender that died mid-send has lost it and another one sends it again.
+LEASE_MARGIN_S = 10.0
+DEFAULT_TIMEOUT_S = 30.0
 #: First retry after this many seconds; doubles per attempt up to ``delivery_backoff_max``.
 RETRY_BASE_S = 2.0
 #: Most rows one destination sends per batch before it re-reads what is due.
@@ -88,10 +90,15 @@ def _due(now: datetime) -> Any:
     )
 
 
-def _claim(session: Session, delivery_id: int, commitment_uid: str | None = None) -> bool:
+def lease_s(dest: Destination) -> float:
+    """How long a claimed row of ``dest`` stays ours."""
+    return LEASE_MARGIN_S + 3 * float(getattr(dest, "timeout", DEFAULT_TIMEOUT_S))
+
+
+def _claim(session: Session, delivery_id: int, lease: float, commitment_uid: str | None = None) -> bool:
     """Take a due row for this sender; with Storage Commitment, record the transaction before asking for it."""
     now = utcnow()
-    values: dict[str, object] = {"state": DeliveryState.SENDING, "next_attempt_at": now + timedelta(seconds=LEASE_S),
+    values: dict[str, object] = {"state": DeliveryState.SENDING, "next_attempt_at": now + timedelta(seconds=lease),
                                  "updated_at": now}
     if commitment_uid is not None:
         values["commitment_uid"] = commitment_uid
@@ -192,7 +199,7 @@ def work_destination(settings: Settings, dest: Destination, report_id: int | Non
                 transaction_uid = str(generate_uid()) if getattr(dest, "storage_commitment", False) else None
                 try:
                     with session_scope(settings.effective_database_url) as session:
-                        if not _claim(session, delivery_id, transaction_uid):
+                        if not _claim(session, delivery_id, lease_s(dest), transaction_uid):
                             continue
                     with session_scope(settings.effective_database_url) as session:
                         ctx = load_context(session, settings, rid)
