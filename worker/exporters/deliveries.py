@@ -18,6 +18,7 @@ import random
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -29,7 +30,7 @@ from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Delivery, DeliveryState, Report, Study, StudyState, utcnow
 from preread.worker.exporters.base import DeliveryError, PermanentDeliveryError, exporter_for
-from preread.worker.exporters.context import ExportInputError, load_context
+from preread.worker.exporters.context import ExportContext, ExportInputError, load_context
 from preread.worker.exporters.destinations import Destination, destinations_from_settings
 
 log = logging.getLogger(__name__)
@@ -186,43 +187,94 @@ def _due_ids(settings: Settings, name: str, report_id: int | None) -> list[tuple
         return [(int(r[0]), int(r[1]), int(r[2])) for r in rows]
 
 
+@dataclass
+class _Job:
+    """One claimed row, its context and (where the exporter prepares ahead) its built payload."""
+
+    delivery_id: int
+    study_id: int
+    transaction_uid: str | None = None
+    ctx: ExportContext | None = None
+    payload: Any = None
+    error: str | None = None
+
+
+def _prepare(settings: Settings, dest: Destination, exporter: Any, row: tuple[int, int, int]) -> _Job | None:
+    """Claim a row and build what it sends; None when another sender has it."""
+    delivery_id, rid, study_id = row
+    job = _Job(delivery_id, study_id, str(generate_uid()) if getattr(dest, "storage_commitment", False) else None)
+    with session_scope(settings.effective_database_url) as session:
+        if not _claim(session, delivery_id, lease_s(dest), job.transaction_uid):
+            return None
+    try:
+        with session_scope(settings.effective_database_url) as session:
+            job.ctx = load_context(session, settings, rid)
+        prepare = getattr(exporter, "prepare", None)
+        if callable(prepare):
+            job.payload = prepare(job.ctx, settings)
+    except ExportInputError as exc:
+        job.error = str(exc)
+    except Exception as exc:  # a bug or a draft highdicom refuses: the row fails, the others go on
+        log.exception("delivery %s of study %s to %r: cannot build it", delivery_id, study_id, dest.name)
+        job.error = f"cannot build the result: {type(exc).__name__}"
+    return job
+
+
+def _release(settings: Settings, job: _Job | None) -> None:
+    """Give back a row claimed ahead when the destination failed: due with the others, not counted."""
+    if job is None:
+        return
+    with session_scope(settings.effective_database_url) as session:
+        session.execute(update(Delivery).where(Delivery.id == job.delivery_id, Delivery.state == DeliveryState.SENDING)
+                        .values(state=DeliveryState.PENDING, next_attempt_at=utcnow(), updated_at=utcnow()))
+
+
 def work_destination(settings: Settings, dest: Destination, report_id: int | None = None) -> int:
-    """Send what is due for one destination until nothing is due or it fails; returns rows delivered."""
+    """Send what is due for one destination until nothing is due or it fails; returns rows delivered.
+
+    The next row is claimed and built in a helper thread while the current one is on the wire,
+    so building an SR overlaps the peer storing the previous one.
+    """
     exporter = exporter_for(dest)
     sent = 0
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"preread-prepare-{dest.name}")
     try:
         while True:
             rows = _due_ids(settings, dest.name, report_id)
             if not rows:
                 return sent
-            for delivery_id, rid, study_id in rows:
-                transaction_uid = str(generate_uid()) if getattr(dest, "storage_commitment", False) else None
-                try:
-                    with session_scope(settings.effective_database_url) as session:
-                        if not _claim(session, delivery_id, lease_s(dest), transaction_uid):
-                            continue
-                    with session_scope(settings.effective_database_url) as session:
-                        ctx = load_context(session, settings, rid)
-                except ExportInputError as exc:
-                    _record_failure(settings, dest, delivery_id, study_id, str(exc), permanent=True)
+            upcoming: Future[_Job | None] = ahead.submit(_prepare, settings, dest, exporter, rows[0])
+            for i in range(len(rows)):
+                job = upcoming.result()
+                if i + 1 < len(rows):
+                    upcoming = ahead.submit(_prepare, settings, dest, exporter, rows[i + 1])
+                if job is None:
                     continue
-                if transaction_uid is not None:
-                    setattr(exporter, "transaction_uid", transaction_uid)  # only the dicom exporter asks for commitment
+                if job.error is not None or job.ctx is None:
+                    _record_failure(settings, dest, job.delivery_id, job.study_id, job.error or "no context", permanent=True)
+                    continue
+                if job.transaction_uid is not None:
+                    setattr(exporter, "transaction_uid", job.transaction_uid)  # only the dicom exporter asks for commitment
                 try:
-                    result = exporter.send(ctx, settings)
+                    if job.payload is not None:
+                        result = exporter.send_prepared(job.payload, settings)
+                    else:
+                        result = exporter.send(job.ctx, settings)
                 except PermanentDeliveryError as exc:
-                    _record_failure(settings, dest, delivery_id, study_id, str(exc), permanent=True)
+                    _record_failure(settings, dest, job.delivery_id, job.study_id, str(exc), permanent=True)
                     continue
-                except (DeliveryError, OSError, TimeoutError) as exc:
-                    _record_failure(settings, dest, delivery_id, study_id, str(exc) or type(exc).__name__, permanent=False)
+                except Exception as exc:
+                    if not isinstance(exc, (DeliveryError, OSError, TimeoutError)):  # a bug: say what broke, try later
+                        log.exception("delivery %s of study %s to %r: unexpected error", job.delivery_id, job.study_id, dest.name)
+                    error = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}"
+                    if i + 1 < len(rows):
+                        _release(settings, upcoming.result())
+                    _record_failure(settings, dest, job.delivery_id, job.study_id, error, permanent=False)
                     return sent
-                except Exception as exc:  # a bug or a bad draft: keep the row, say what broke, try later
-                    log.exception("delivery %s of study %s to %r: unexpected error", delivery_id, study_id, dest.name)
-                    _record_failure(settings, dest, delivery_id, study_id, f"unexpected {type(exc).__name__}", permanent=False)
-                    return sent
-                _record_success(settings, delivery_id, study_id, result.commitment_uid)
+                _record_success(settings, job.delivery_id, job.study_id, result.commitment_uid)
                 sent += 1
     finally:
+        ahead.shutdown(wait=True)
         close = getattr(exporter, "close", None)
         if callable(close):
             close()

@@ -126,9 +126,17 @@ class DicomExporter:
             raise DeliveryError(f"DICOM destination {self.destination.name!r}: Storage Commitment request refused")
         return transaction_uid
 
+    def prepare(self, ctx: ExportContext, settings: Settings) -> Dataset:
+        """Build the SR ahead of sending it (the deliverer overlaps this with the previous C-STORE)."""
+        dataset: Dataset = build_sr(ctx, settings)
+        return dataset
+
     def send(self, ctx: ExportContext, settings: Settings) -> SendResult:
-        """Build the SR, store it, and ask for commitment where configured."""
-        dataset = build_sr(ctx, settings)
+        """Build the SR and send it."""
+        return self.send_prepared(self.prepare(ctx, settings), settings)
+
+    def send_prepared(self, dataset: Dataset, settings: Settings) -> SendResult:
+        """Store a built SR, and ask for commitment where configured."""
         self.store(dataset, settings)
         if self.destination.storage_commitment:
             return SendResult(commitment_uid=self.request_commitment(dataset, settings))

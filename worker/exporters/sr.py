@@ -120,8 +120,7 @@ def _coded(concept: Concept) -> CodedConcept:
 
 def _evidence(ctx: ExportContext, header: Dataset) -> list[Dataset]:
     """The source header first (highdicom copies the Patient, General Study and Patient Study modules from it), then one reference per instance the model saw."""
-    head = Dataset()
-    head.update(header)
+    head = header  # a fresh read of the source header: completed in place, not copied (copying costs ~10 ms)
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                     "StudyDate", "StudyTime", "ReferringPhysicianName"):
         if keyword not in head:
