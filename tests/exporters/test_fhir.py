@@ -100,3 +100,20 @@ def test_fhir_server_refusing_the_bundle_fails_the_delivery_and_an_outage_retrie
         states = dict(session.execute(select(Delivery.study_id, Delivery.state)).all())
         assert states == {study_id: DeliveryState.DELIVERED, other_id: DeliveryState.FAILED}
         assert session.get(Study, other_id).state == StudyState.EXPORTED, "every destination finished (one gave up)"
+
+
+def test_delivery_summary_per_destination(pg_url: str, tmp_path: Path) -> None:
+    from preread.worker.exporters.deliveries import summary
+
+    study_id, _ = drafted_study(pg_url, tmp_path / "src")
+    drafted_study(pg_url, tmp_path / "src", n=1)
+    with Recorder() as server:
+        server.status = 503
+        settings = Settings(database_url=pg_url, data_dir=tmp_path / "data", destinations=[
+            {"name": "ehr", "kind": "fhir", "url": server.url},
+            {"name": "files", "kind": "folder", "path": str(tmp_path / "out")},
+        ])
+        deliver_due(settings, wait=True)
+    with session_scope(pg_url) as session:
+        assert summary(session) == [("ehr", "pending", 2), ("files", "delivered", 2)]
+        assert summary(session, study_id) == [("ehr", "pending", 1), ("files", "delivered", 1)]

@@ -381,3 +381,19 @@ def resend(session: Session, *, study_uids: Sequence[str] = (), since: datetime 
         stmt = stmt.where(Delivery.destination == destination)
     stmt = stmt.where(or_(Delivery.state != DeliveryState.SENDING, Delivery.next_attempt_at <= utcnow()))
     return int(cast(CursorResult[Any], session.execute(stmt)).rowcount)
+
+
+def summary(session: Session, study_id: int | None = None) -> list[tuple[str, str, int]]:
+    """(destination, state, count) over current reports, for ``preread status`` and the API's study view."""
+    from sqlalchemy import func
+
+    stmt = (
+        select(Delivery.destination, Delivery.state, func.count())
+        .join(Report, Report.id == Delivery.report_id)
+        .where(Report.current.is_(True))
+        .group_by(Delivery.destination, Delivery.state)
+        .order_by(Delivery.destination, Delivery.state)
+    )
+    if study_id is not None:
+        stmt = stmt.where(Delivery.study_id == study_id)
+    return [(str(d), str(s), int(n)) for d, s, n in session.execute(stmt).all()]

@@ -27,6 +27,7 @@ from highdicom.sr import (
     RelationshipTypeValues,
     TextContentItem,
 )
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr.sop import _SR  # highdicom has no public Basic Text SR class; _SR is its documented base
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
@@ -72,6 +73,11 @@ PROCEDURES = {
     "US": CodedConcept("16310003", "SCT", "Ultrasonography"),
 }
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging")
+#: Our private coding scheme (PS3.16 8.2: designators starting "99" are local), declared in every SR that uses it.
+PRIVATE_SCHEME = "99PREREAD"
+PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
+    designator=PRIVATE_SCHEME, name="infimed-preread probe concepts", responsible_organization="infimed-preread"
+)
 
 
 class BasicTextSR(_SR):
@@ -286,6 +292,8 @@ def build_sr(ctx: ExportContext, settings: Settings, header: Dataset | None = No
         previous_versions=_predecessor(ctx, sop_class_uid),
         contributing_equipment=[equipment],
     )
+    if any(p.concept.scheme == PRIVATE_SCHEME for p in ctx.probes):
+        common["coding_schemes"] = [PRIVATE_SCHEME_ITEM]
     if basic:
         return BasicTextSR(content=_basic_text_content(ctx), **common)
     return hd.sr.Comprehensive3DSR(content=_comprehensive_content(ctx, header), **common)
