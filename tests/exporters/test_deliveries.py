@@ -110,3 +110,23 @@ def test_exporter_killed_mid_delivery_loses_nothing_and_stores_no_duplicate(pg_u
         uids = orthanc.sop_instance_uids()
         assert len(uids) == len(set(uids)) == n, "nothing lost, no duplicate SOP Instance"
         assert {orthanc.get(f"/instances/{i}/simplified-tags")["StudyInstanceUID"] for i in orthanc.instances()} == studies
+
+
+def test_coordinator_pass_delivers_drafted_studies(pg_url: str, tmp_path: Path) -> None:
+    """The hook in the coordinator: a pass plans the rows and sends them in the background."""
+    from celery import Celery
+
+    from preread.worker.pipeline.coordinator import coordinate_once
+
+    study_id, study_uid = drafted_study(pg_url, tmp_path / "src")
+    settings = Settings(database_url=pg_url, data_dir=tmp_path / "data",
+                        destinations=[{"name": "files", "kind": "folder", "sends": ["sr", "hl7"]}])
+    coordinate_once(settings, Celery("unused", broker="memory://"), pass_no=1)
+    wait_until(lambda: (settings.exports_dir / f"{study_uid}.hl7").exists(), 60, what="the coordinator's delivery")
+    assert (settings.exports_dir / f"{study_uid}.sr.dcm").exists()
+
+    def exported() -> bool:
+        with session_scope(pg_url) as session:
+            return session.get(Study, study_id).state == StudyState.EXPORTED
+
+    wait_until(exported, 30, what="the study EXPORTED")
