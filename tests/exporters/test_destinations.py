@@ -62,3 +62,14 @@ def test_modalities_and_min_urgency_choose_the_studies(pg_url: str, tmp_path: Pa
         assert plan(session, destinations) == 3
         rows = sorted(session.execute(select(Delivery.study_id, Delivery.destination)).all())
     assert rows == sorted([(stat_cr, "urgent"), (stat_cr, "all"), (routine_cr, "all")])
+
+
+def test_a_study_no_destination_wants_is_exported_with_nothing_sent(pg_url: str, tmp_path: Path) -> None:
+    from preread.schemas.tables import StudyState
+
+    study_id, _ = drafted_study(pg_url, tmp_path / "src")  # a CR
+    with session_scope(pg_url) as session:
+        assert plan(session, parse_destinations([{"name": "ct-only", "kind": "folder", "modalities": ["CT"]}])) == 0
+    with session_scope(pg_url) as session:
+        assert session.get(Study, study_id).state == StudyState.EXPORTED
+        assert session.scalars(select(Delivery)).all() == []

@@ -59,8 +59,11 @@ def plan(session: Session, destinations: Sequence[Destination], study_id: int | 
     stmt = (
         select(Report.id, Report.study_id, Study.modalities, Study.urgency)
         .join(Study, Study.id == Report.study_id)
-        .where(Report.current.is_(True), Study.state.in_([str(s) for s in DELIVERABLE]))
+        .where(Report.current.is_(True))
     )
+    # Each pass looks at DRAFTED studies only (few, indexed); ``preread export`` also at EXPORTED ones.
+    states = DELIVERABLE if fill_missing else (StudyState.DRAFTED,)
+    stmt = stmt.where(Study.state.in_([str(s) for s in states]))
     if not fill_missing:
         stmt = stmt.where(~exists().where(Delivery.report_id == Report.id))
     if study_id is not None:
@@ -70,10 +73,12 @@ def plan(session: Session, destinations: Sequence[Destination], study_id: int | 
     created = 0
     for report_id, sid, modalities, urgency in session.execute(stmt).all():
         have = set(session.execute(select(Delivery.destination).where(Delivery.report_id == report_id)).scalars())
-        for dest in destinations:
-            if dest.name not in have and dest.wants(modalities, urgency):
-                session.add(Delivery(report_id=report_id, study_id=sid, destination=dest.name, kind=dest.kind))
-                created += 1
+        wanted = [d for d in destinations if d.name not in have and d.wants(modalities, urgency)]
+        for dest in wanted:
+            session.add(Delivery(report_id=report_id, study_id=sid, destination=dest.name, kind=dest.kind))
+            created += 1
+        if not wanted and not have:  # no destination wants this study: nothing to deliver, it is done
+            _finish_study(session, sid)
         session.execute(
             update(Delivery)
             .where(Delivery.study_id == sid, Delivery.report_id != report_id,
