@@ -24,7 +24,8 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 class Orthanc:
     """One Orthanc process with its own storage folder."""
 
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None) -> None:
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         if ORTHANC is None:
             raise RuntimeError("Orthanc is not installed (Debian package orthanc)")
         self.folder = folder
@@ -40,6 +41,7 @@ class Orthanc:
             "DicomModalities": modalities or {}, "HttpServerEnabled": True, "StableAge": 60,
             "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            **(extra or {}),
         }
         self.config_path = folder / "orthanc.json"
         self.config_path.write_text(json.dumps(config))
