@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     sr_template: Literal["comprehensive-3d", "basic-text"] = Field(
         "comprehensive-3d", description="DICOM SR written: a TID 1500 Comprehensive 3D SR, or a Basic Text SR for simple viewers."
     )
-    fhir_version: Literal["R4", "R4B"] = Field("R4", description="FHIR release of the Bundle posted to FHIR servers.")
+    fhir_version: Literal["R4", "R4B", "R5"] = Field("R4", description="FHIR release of the Bundle posted to FHIR servers.")
     patient_id_system: str | None = Field(
         None, description="FHIR identifier system of the Patient ID (the RIS's MRN namespace, e.g. urn:oid:...)."
     )

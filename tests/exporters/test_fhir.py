@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+from fhir.resources.bundle import Bundle as R5Bundle
 from fhir.resources.R4B.bundle import Bundle
 from sqlalchemy import select
 
@@ -29,17 +31,18 @@ def _references(node: Any) -> list[str]:
     return []
 
 
-def test_bundle_posted_to_fhir_server(pg_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["R4", "R5"])
+def test_bundle_posted_to_fhir_server(pg_url: str, tmp_path: Path, version: str) -> None:
     study_id, study_uid = drafted_study(pg_url, tmp_path / "src")
     with Recorder() as server:
-        settings = Settings(database_url=pg_url, data_dir=tmp_path / "data", patient_id_system=MRN_SYSTEM,
+        settings = Settings(database_url=pg_url, data_dir=tmp_path / "data", patient_id_system=MRN_SYSTEM, fhir_version=version,
                             destinations=[{"name": "ehr", "kind": "fhir", "url": server.url + "/fhir", "token": "t0k"}])
         deliver_due(settings, wait=True)
     [(path, headers, body)] = server.received
     assert path == "/fhir" and headers["Content-Type"] == "application/fhir+json"
     assert headers["Authorization"] == "Bearer t0k"
     bundle = json.loads(body)
-    Bundle.model_validate(bundle)
+    (R5Bundle if version == "R5" else Bundle).model_validate(bundle)
     assert bundle["type"] == "transaction"
     by_type: dict[str, list[dict[str, Any]]] = {}
     for entry in bundle["entry"]:
@@ -54,7 +57,7 @@ def test_bundle_posted_to_fhir_server(pg_url: str, tmp_path: Path) -> None:
     [report] = by_type["DiagnosticReport"]
     assert report["status"] == "preliminary" and report["conclusion"] == "Left pneumothorax."
     assert report["subject"] == {"type": "Patient", "identifier": {"system": MRN_SYSTEM, "value": PATIENT[1]}}
-    assert report["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{study_uid}"
+    assert report["study" if version == "R5" else "imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{study_uid}"
     assert len(report["result"]) == len(PROBES) + len(FINDINGS)
     probes = {o["code"]["coding"][0]["display"]: o for o in by_type["Observation"] if "valueQuantity" in o}
     assert {round(o["valueQuantity"]["value"], 6) for o in probes.values()} == set(PROBES.values())
@@ -65,7 +68,8 @@ def test_bundle_posted_to_fhir_server(pg_url: str, tmp_path: Path) -> None:
                                                            "display": "Pneumothorax"}
     assert sorted(o["valueString"] for o in by_type["Observation"] if "valueString" in o) == sorted(f[0] for f in FINDINGS)
     [device] = by_type["Device"]
-    assert device["deviceName"][0]["name"] == "tiny/model" and device["manufacturer"] == "infimed-preread"
+    names = device["name"][0]["value"] if version == "R5" else device["deviceName"][0]["name"]
+    assert names == "tiny/model" and device["manufacturer"] == "infimed-preread"
     [provenance] = by_type["Provenance"]
     device_url = next(e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Device")
     assert provenance["agent"][0]["who"]["reference"] == device_url

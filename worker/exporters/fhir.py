@@ -7,7 +7,8 @@ Device for the model and a Provenance naming the Device as author. Every resourc
 the security label AIAST (asserted by an AI). Entries are conditional creates keyed on
 identifiers derived from the study and report, so posting the same Bundle twice creates
 nothing new. R4 and R4B share these resources; both validate with fhir.resources' R4B models
-(fhir.resources 8 ships R4B, R5 and STU3, not a separate R4 package).
+(fhir.resources 8 ships R4B, R5 and STU3, not a separate R4 package). ``PREREAD_FHIR_VERSION=R5``
+writes R5 (Device ``name``/``modelNumber``, Provenance ``authorization``) and validates with R5 models.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from fhir.resources.R4B.bundle import Bundle
+import importlib
 from pydicom.uid import generate_uid
 
 from preread.schemas.settings import Settings
@@ -42,6 +43,12 @@ FHIR_CONTENT_TYPE = "application/fhir+json"
 _NS = uuid.UUID("6f1d7c8e-8f8a-4c5e-9a55-3b8d1d1f6a01")
 
 SCHEMES = {"SCT": SNOMED, "LN": LOINC, "UCUM": UCUM}
+
+
+def bundle_model(version: str) -> Any:
+    """fhir.resources' Bundle model of a FHIR release: R4 and R4B validate with the R4B models, R5 with the default."""
+    module = "fhir.resources.bundle" if version == "R5" else "fhir.resources.R4B.bundle"
+    return importlib.import_module(module).Bundle
 
 
 def _urn(*parts: object) -> str:
@@ -71,6 +78,7 @@ def patient_reference(ctx: ExportContext, settings: Settings) -> dict[str, Any]:
 def build_bundle(ctx: ExportContext, settings: Settings, now: datetime | None = None) -> dict[str, Any]:
     """The transaction Bundle of one report, validated; returned as JSON-ready data."""
     now = now or datetime.now(timezone.utc)
+    r5 = settings.fhir_version == "R5"
     issued = ctx.report_created_at.isoformat()
     subject = patient_reference(ctx, settings)
     report_uid = sr_instance_uid(ctx.study_instance_uid, ctx.report_id, ctx.report_created_at)
@@ -92,8 +100,9 @@ def build_bundle(ctx: ExportContext, settings: Settings, now: datetime | None = 
         "resourceType": "Device",
         "meta": _meta(),
         "manufacturer": "infimed-preread",
-        "deviceName": [{"name": ctx.model_id, "type": "model-name"}],
-        "type": {"text": "AI pre-read model (vision-language)"},
+        **({"name": [{"value": ctx.model_id, "type": "user-friendly-name"}], "modelNumber": ctx.model_id}
+           if r5 else {"deviceName": [{"name": ctx.model_id, "type": "model-name"}]}),
+        "type": [{"text": "AI pre-read model (vision-language)"}] if r5 else {"text": "AI pre-read model (vision-language)"},
         "version": [
             {"type": {"text": "software"}, "value": package_version()},
             {"type": {"text": "model revision"}, "value": ctx.model_revision or "unpinned"},
@@ -155,8 +164,8 @@ def build_bundle(ctx: ExportContext, settings: Settings, now: datetime | None = 
                  "text": ctx.study_description or "Imaging study"},
         "subject": subject,
         "issued": issued,
-        "imagingStudy": [{"type": "ImagingStudy",
-                          "identifier": {"system": DICOM_UID_SYSTEM, "value": _oid(ctx.study_instance_uid)}}],
+        ("study" if r5 else "imagingStudy"): [{"type": "ImagingStudy",
+                                               "identifier": {"system": DICOM_UID_SYSTEM, "value": _oid(ctx.study_instance_uid)}}],
         "result": results,
         "conclusion": ctx.impression or ctx.draft_text or "",
     }, {"system": DICOM_UID_SYSTEM, "value": _oid(report_uid)})
@@ -175,7 +184,9 @@ def build_bundle(ctx: ExportContext, settings: Settings, now: datetime | None = 
             "meta": _meta(),
             "target": targets,
             "recorded": now.isoformat(),
-            "reason": [{"coding": [dict(AI_ASSERTED)]}],
+            ("authorization" if r5 else "reason"): [
+                {"concept": {"coding": [dict(AI_ASSERTED)]}} if r5 else {"coding": [dict(AI_ASSERTED)]}
+            ],
             "agent": [{
                 "type": {"coding": [{"system": PROVENANCE_AGENT, "code": "author", "display": "Author"}]},
                 "who": device_ref,
@@ -184,7 +195,7 @@ def build_bundle(ctx: ExportContext, settings: Settings, now: datetime | None = 
         "request": {"method": "POST", "url": "Provenance"},
     })
     bundle = {"resourceType": "Bundle", "type": "transaction", "timestamp": now.isoformat(), "entry": entries}
-    Bundle.model_validate(bundle)  # raises pydantic.ValidationError on a malformed resource
+    bundle_model(settings.fhir_version).model_validate(bundle)  # raises pydantic.ValidationError if malformed
     return bundle
 
 
