@@ -73,3 +73,27 @@ def test_a_study_no_destination_wants_is_exported_with_nothing_sent(pg_url: str,
     with session_scope(pg_url) as session:
         assert session.get(Study, study_id).state == StudyState.EXPORTED
         assert session.scalars(select(Delivery)).all() == []
+
+
+def test_two_planners_at_once_make_one_row_per_destination(pg_url: str, tmp_path: Path) -> None:
+    """A second coordinator (or the export task) planning the same report at once adds nothing and does not fail."""
+    import threading
+
+    drafted_study(pg_url, tmp_path / "src")
+    destinations = parse_destinations([{"name": "a", "kind": "folder"}, {"name": "b", "kind": "folder"}])
+    results: list[int] = []
+    with session_scope(pg_url) as first:
+        assert plan(first, destinations) == 2  # inserted, not committed yet: the second planner waits on the index
+
+        def second() -> None:
+            with session_scope(pg_url) as session:
+                results.append(plan(session, destinations))
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive(), "the second planner is blocked behind the first's uncommitted rows"
+    thread.join(30)
+    assert results == [0]
+    with session_scope(pg_url) as session:
+        assert sorted(session.scalars(select(Delivery.destination))) == ["a", "b"]

@@ -24,6 +24,7 @@ from typing import Any, cast
 
 from pydicom.uid import generate_uid
 from sqlalchemy import CursorResult, and_, exists, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from preread.schemas.database import session_scope
@@ -75,8 +76,12 @@ def plan(session: Session, destinations: Sequence[Destination], study_id: int | 
         have = set(session.execute(select(Delivery.destination).where(Delivery.report_id == report_id)).scalars())
         wanted = [d for d in destinations if d.name not in have and d.wants(modalities, urgency)]
         for dest in wanted:
-            session.add(Delivery(report_id=report_id, study_id=sid, destination=dest.name, kind=dest.kind))
-            created += 1
+            try:
+                with session.begin_nested():  # another planner (a second coordinator, the export task) may win
+                    session.add(Delivery(report_id=report_id, study_id=sid, destination=dest.name, kind=dest.kind))
+                created += 1
+            except IntegrityError:
+                pass
         if not wanted and not have:  # no destination wants this study: nothing to deliver, it is done
             _finish_study(session, sid)
         session.execute(
