@@ -68,7 +68,8 @@ def test_export_writes_fhir_and_posts_signed_webhook(pg_url: str, tmp_path: Path
     assert "SECRET-ID" not in body.decode(), "the webhook carries no patient ID"
     assert resource["subject"]["identifier"]["value"] == "SECRET-ID", "the EHR matches the FHIR report on the patient ID"
     with session_scope(pg_url) as session:
-        assert session.get(Study, study_id).state == StudyState.EXPORTED
+        rows = [(r.destination, r.state, r.attempts, r.last_error) for r in session.query(Delivery).all()]
+        assert session.get(Study, study_id).state == StudyState.EXPORTED, f"deliveries: {rows}"
     with pytest.raises(Superseded):
         export_step(settings, study_id)  # a second delivery does nothing
 
