@@ -243,11 +243,12 @@ def work_destination(settings: Settings, dest: Destination, report_id: int | Non
     """Send what is due for one destination until nothing is due or it fails; returns rows delivered.
 
     The next row is claimed and built in a helper thread while the current one is on the wire,
-    so building an SR overlaps the peer storing the previous one.
+    and a sent row is recorded there too, so building and committing overlap the peer storing.
     """
     exporter = exporter_for(dest)
     sent = 0
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"preread-prepare-{dest.name}")
+    records: list[Future[None]] = []
     try:
         while True:
             rows = _due_ids(settings, dest.name, report_id)
@@ -281,10 +282,15 @@ def work_destination(settings: Settings, dest: Destination, report_id: int | Non
                         _release(settings, upcoming.result())
                     _record_failure(settings, dest, job.delivery_id, job.study_id, error, permanent=False)
                     return sent
-                _record_success(settings, job.delivery_id, job.study_id, result.commitment_uid)
+                # Recorded on the helper thread (after the next row's preparation), so the next send does
+                # not wait for this commit; a crash before it leaves the row SENDING, re-sent after its lease.
+                records.append(ahead.submit(_record_success, settings, job.delivery_id, job.study_id, result.commitment_uid))
                 sent += 1
     finally:
         ahead.shutdown(wait=True)
+        for record in records:
+            if record.exception() is not None:  # the database hiccupped: the row is re-sent after its lease
+                log.warning("destination %r: recording a delivery failed: %s", dest.name, type(record.exception()).__name__)
         close = getattr(exporter, "close", None)
         if callable(close):
             close()
