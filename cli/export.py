@@ -1,4 +1,4 @@
-"""``preread export``: send drafts (again) to the destinations, including drafts made before an exporter was on."""
+"""``preread export``: send current reports again, to every destination or one, and show where they stand."""
 
 from __future__ import annotations
 
@@ -6,47 +6,71 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from preread.schemas.settings import get_settings
 
-def _since(value: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        typer.echo(f"preread export: --since {value!r} is not a date; use YYYY-MM-DD or YYYY-MM-DDTHH:MM", err=True)
-        raise typer.Exit(2) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+ERR = Console(stderr=True)
 
 
 def export(
-    study_uids: Annotated[list[str] | None, typer.Argument(help="Study Instance UIDs (default: every DRAFTED study).")] = None,
-    since: Annotated[str | None, typer.Option(help="Drafts made on or after this date (UTC), exported or not.")] = None,
-    destination: Annotated[list[str] | None, typer.Option(help="fhir or webhook (default: the enabled ones); repeatable.")] = None,
+    study_uids: Annotated[list[str] | None, typer.Argument(help="Study Instance UIDs; default every drafted study.")] = None,
+    since: Annotated[datetime | None, typer.Option(help="Only studies drafted at or after this date/time (UTC).")] = None,
+    destination: Annotated[str | None, typer.Option(help="Only this destination (its name in the settings).")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
-    """Send the current drafts of the chosen studies; sending one again is harmless."""
-    from preread.schemas.settings import get_settings
-    from preread.worker.exporters.resend import export_again
-    from preread.worker.exporters.step import DESTINATIONS, enabled_destinations
+    """Make the matching deliveries due now, send them, and print each delivery's state."""
+    from sqlalchemy import select
+
+    from preread.schemas.database import session_scope, upgrade
+    from preread.schemas.tables import Delivery, Report, Study
+    from preread.worker.exporters.deliveries import deliver_due, plan, resend
+    from preread.worker.exporters.destinations import DestinationError, destinations_from_settings
 
     settings = get_settings()
-    chosen = list(destination or enabled_destinations(settings))
-    unknown = [d for d in chosen if d not in DESTINATIONS]
-    if unknown:
-        typer.echo(f"preread export: unknown destination {unknown[0]!r}; choose {' or '.join(DESTINATIONS)}", err=True)
+    try:
+        destinations = destinations_from_settings(settings)
+    except DestinationError as exc:
+        ERR.print(f"[red]error:[/red] {exc}\nFix the [[destinations]] tables in the file PREREAD_CONFIG_FILE names.")
+        raise typer.Exit(2) from None
+    if destination is not None and destination not in {d.name for d in destinations}:
+        names = ", ".join(d.name for d in destinations) or "none configured"
+        ERR.print(f"[red]error:[/red] no destination named {destination!r} (configured: {names}).")
         raise typer.Exit(2)
-    if not chosen:
-        typer.echo("preread export: no exporter is enabled; set PREREAD_EXPORT_FHIR=true or PREREAD_WEBHOOK_URL, "
-                   "or pass --destination fhir", err=True)
+    if not destinations:
+        ERR.print("[red]error:[/red] no destinations: add [[destinations]] to the settings file, "
+                  "or set PREREAD_EXPORT_FHIR / PREREAD_WEBHOOK_URL.")
         raise typer.Exit(2)
-    if "webhook" in chosen and not settings.webhook_url:
-        typer.echo("preread export: the webhook destination needs PREREAD_WEBHOOK_URL", err=True)
-        raise typer.Exit(2)
-    results, missing = export_again(settings, list(study_uids or []), _since(since) if since else None, chosen)
-    for uid in missing:
-        typer.echo(f"{uid}: no drafted study")
-    failed = 0
-    for uid, error in results:
-        typer.echo(f"{uid}: {'sent to ' + ', '.join(chosen) if error is None else 'not sent: ' + error}")
-        failed += error is not None
-    if not results and not missing:
-        typer.echo("nothing to export")
-    raise typer.Exit(1 if failed or missing else 0)
+    chosen = [d for d in destinations if destination is None or d.name == destination]
+    since_utc = since.replace(tzinfo=timezone.utc) if since is not None and since.tzinfo is None else since
+    try:
+        upgrade(settings.effective_database_url)
+        with session_scope(settings.effective_database_url) as session:
+            stmt = select(Study.id).join(Report, Report.study_id == Study.id).where(Report.current.is_(True))
+            if study_uids:
+                stmt = stmt.where(Study.study_instance_uid.in_(study_uids))
+            if since_utc is not None:
+                stmt = stmt.where(Report.created_at >= since_utc)
+            ids = list(session.scalars(stmt))
+            planned = plan(session, chosen, fill_missing=True, study_ids=ids)
+            reset = resend(session, study_ids=ids, destination=destination)
+        deliver_due(settings, wait=True)
+        with session_scope(settings.effective_database_url) as session:
+            rows = session.execute(
+                select(Study.study_instance_uid, Delivery.destination, Delivery.state, Delivery.attempts, Delivery.last_error)
+                .join(Study, Study.id == Delivery.study_id)
+                .where(Delivery.study_id.in_(ids), Delivery.report_id.in_(select(Report.id).where(Report.current.is_(True))))
+                .order_by(Study.id, Delivery.destination)
+            ).all()
+    except Exception as exc:
+        if debug:
+            raise
+        ERR.print(f"[red]error:[/red] {type(exc).__name__}: {exc}. Check PREREAD_DATABASE_URL; --debug shows the traceback.")
+        raise typer.Exit(2) from None
+    table = Table(title=f"Deliveries ({planned} new, {reset} sent again)", show_edge=False)
+    for column in ("study", "destination", "state", "attempts", "last error"):
+        table.add_column(column)
+    for uid, name, state, attempts, error in rows:
+        table.add_row(uid, name, state, str(attempts), error or "")
+    Console().print(table)

@@ -202,6 +202,16 @@ class Settings(BaseSettings):
     export_fhir: bool = Field(False, description="Write a FHIR DiagnosticReport (preliminary) per drafted study.")
     webhook_url: str | None = Field(None, description="POST signed JSON here when a draft is ready.")
     webhook_secret: str | None = Field(None, description="HMAC-SHA256 key for the webhook signature header.")
+    # (results-out issue) destinations and how results are written; the settings file holds `[[destinations]]`.
+    sr_template: Literal["comprehensive-3d", "basic-text"] = Field(
+        "comprehensive-3d", description="DICOM SR written: a TID 1500 Comprehensive 3D SR, or a Basic Text SR for simple viewers."
+    )
+    fhir_version: Literal["R4", "R4B", "R5"] = Field("R4", description="FHIR release of the Bundle posted to FHIR servers.")
+    patient_id_system: str | None = Field(
+        None, description="FHIR identifier system of the Patient ID (the RIS's MRN namespace, e.g. urn:oid:...)."
+    )
+    delivery_max_age: float = Field(86400.0, gt=0, description="Seconds a delivery is retried (with backoff) before it is failed.")
+    delivery_backoff_max: float = Field(900.0, gt=0, description="Longest wait between two attempts of one delivery, in seconds.")
 
     # --- peers (settings file arrays) ----------------------------------------------------
     destinations: list[Destination] = Field(default_factory=list, description="[[destinations]]: where results go.")
@@ -334,7 +344,7 @@ class Settings(BaseSettings):
     @property
     def export_enabled(self) -> bool:
         """Whether drafted studies go on to the export queue."""
-        return self.export_fhir or bool(self.webhook_url)
+        return self.export_fhir or bool(self.webhook_url) or bool(self.destinations)
 
     @property
     def exports_dir(self) -> Path:

@@ -315,6 +315,48 @@ class Outbox(Base):
     __table_args__ = (Index("ix_outbox_unsent", "sent_at", "id"),)
 
 
+class DeliveryState(enum.StrEnum):
+    """Where one report's delivery to one destination stands."""
+
+    PENDING = "pending"  # waiting for its next attempt (``next_attempt_at``)
+    SENDING = "sending"  # claimed by a sender until ``next_attempt_at`` (a lease)
+    UNCONFIRMED = "unconfirmed"  # stored by the peer, Storage Commitment not yet confirmed
+    DELIVERED = "delivered"  # done: acknowledged (and confirmed where asked)
+    FAILED = "failed"  # gave up after ``delivery_max_age`` or a permanent refusal
+    SUPERSEDED = "superseded"  # a newer report of the study replaced it before it went out
+
+
+class Delivery(Base):
+    """One report's delivery to one named destination, worked independently of every other.
+
+    The coordinator sends what is due by ``next_attempt_at`` and backs off on failure, so a
+    destination that is down holds up nothing else and loses nothing.
+    """
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Storage Commitment: the transaction asked for, and when the peer confirmed it.
+    commitment_uid: Mapped[str | None] = mapped_column(UID)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (
+        Index("uq_deliveries_report_destination", "report_id", "destination", unique=True),
+        Index("ix_deliveries_due", "state", "next_attempt_at"),
+    )
+
+
 class ProcessRole(enum.StrEnum):
     """The long-running processes of a deployment, as ``preread --help`` names their commands."""
 

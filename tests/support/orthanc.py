@@ -1,17 +1,19 @@
-"""A private, real Orthanc on loopback for query/retrieve tests: temporary config, free ports, REST upload."""
+"""A private Orthanc on loopback for tests and benchmarks: DICOM, REST and the DICOMweb plugin.
+
+Started from a temporary configuration on free ports; ``stop()`` and ``start()`` again keep its
+storage, so a test can take the PACS down and bring it back with what it already holds.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import signal
 import subprocess
-import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
-
-import requests
 
 from tests.support.procs import free_port, wait_until
 
@@ -20,78 +22,84 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 class Orthanc:
-    """Orthanc as a PACS: DICOM on a free port, REST (and DICOMweb) on another, knowing our listener as a peer."""
+    """One Orthanc process with its own storage folder."""
 
-    def __init__(self, workdir: Path | None = None, *, aet: str = "ORTHANC", peers: dict[str, tuple[str, int]] | None = None,
-                 dicomweb: bool = False, limit_find_results: int = 0) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="orthanc-", dir=workdir))
-        self.aet = aet
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        if ORTHANC is None:
+            raise RuntimeError("Orthanc is not installed (Debian package orthanc)")
+        self.folder = folder
+        self.ae_title = ae_title
         self.dicom_port = free_port()
         self.http_port = free_port()
-        self.peers = peers or {}
-        self.dicomweb = dicomweb
-        self.limit_find_results = limit_find_results
         self.proc: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "preread-test", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
+            "DicomAet": ae_title, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "DicomModalities": modalities or {}, "HttpServerEnabled": True, "StableAge": 60,
+            "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            **(extra or {}),
+        }
+        self.config_path = folder / "orthanc.json"
+        self.config_path.write_text(json.dumps(config))
 
     @property
     def url(self) -> str:
+        """The REST API root."""
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def dicomweb_url(self) -> str:
+        """The DICOMweb root (STOW-RS at ``/studies``)."""
         return f"{self.url}/dicom-web"
 
-    def config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            "Name": "preread-test", "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "index"), "DicomAet": self.aet, "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowFind": True,
-            "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True, "DicomAlwaysAllowStore": True,
-            "DicomModalities": {name: [ae, host, port] for ae, (host, port) in self.peers.items() for name in [ae.lower()]},
-            "LimitFindResults": self.limit_find_results, "LimitFindInstances": 0, "StableAge": 1,
-            "HttpServerEnabled": True, "DicomThreadsCount": 4, "StorageCompression": False,
-            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "StudiesMetadata": "Full"},
-        }
-        return config
-
     def start(self) -> Orthanc:
-        assert ORTHANC, "Orthanc is not installed"
-        path = self.workdir / "orthanc.json"
-        path.write_text(json.dumps(self.config()))
-        self.log = open(self.workdir / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([ORTHANC, str(path)], stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, TCP_NODELAY="1"))
-        wait_until(lambda: requests.get(f"{self.url}/system", timeout=2).ok, 180, what="Orthanc REST API")
+        """Start (or restart) and wait until the REST API answers."""
+        log = open(self.folder / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(lambda: self.get("/system"), 60, what="Orthanc REST API")
         return self
 
-    def upload(self, files: list[Path]) -> list[str]:
-        """Store files over REST; returns Orthanc's instance ids."""
-        ids = []
-        for path in files:
-            response = requests.post(f"{self.url}/instances", data=path.read_bytes(), timeout=60)
-            response.raise_for_status()
-            ids.append(response.json()["ID"])
-        return ids
-
-    def instance_id(self, sop_instance_uid: str) -> str:
-        found = requests.post(f"{self.url}/tools/lookup", data=sop_instance_uid, timeout=30).json()
-        return next(item["ID"] for item in found if item["Type"] == "Instance")
-
-    def delete_instance(self, sop_instance_uid: str) -> None:
-        requests.delete(f"{self.url}/instances/{self.instance_id(sop_instance_uid)}", timeout=30).raise_for_status()
-
-    def output(self) -> str:
-        path = self.workdir / "orthanc.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
     def stop(self) -> None:
+        """Stop and wait for the process to exit; the storage stays."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(20)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.proc = None
+
+    def get(self, path: str) -> Any:
+        """GET a REST resource as JSON."""
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            return json.loads(response.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        """GET a REST resource's raw bytes (an instance's ``/file``)."""
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return bytes(response.read())
+
+    def instances(self) -> list[str]:
+        """Orthanc ids of every stored instance."""
+        return list(self.get("/instances"))
+
+    def sop_instance_uids(self) -> list[str]:
+        """SOP Instance UID of every stored instance (a duplicate would show twice)."""
+        return [self.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in self.instances()]
+
+    def wait_count(self, n: int, timeout: float = 60.0) -> None:
+        """Wait until Orthanc holds at least ``n`` instances."""
+        wait_until(lambda: len(self.instances()) >= n, timeout, what=f"{n} instances in Orthanc")
+
+    def __enter__(self) -> Orthanc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
         time.sleep(0)

@@ -29,6 +29,12 @@ def coordinate_once(settings: Settings, app: Celery, pass_no: int = 0) -> int:
     done += run_sweeps_once(settings)  # archive sweeps (ingest/sweep/runner.py)
     if pass_no % RECONCILE_EVERY == 0:
         done += reconcile_once(settings)
+    # Results-out hook (worker/exporters, issue 14): plan deliveries of new reports and start
+    # sending what is due, one thread per destination; returns without waiting for them.
+    if settings.export_enabled:
+        from preread.worker.exporters.deliveries import deliver_due
+
+        done += deliver_due(settings)
     return done
 
 
