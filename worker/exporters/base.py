@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from preread.schemas.settings import Settings
 from preread.worker.exporters.context import ExportContext
@@ -37,6 +37,19 @@ class Exporter(Protocol):
 
     def send(self, ctx: ExportContext, settings: Settings) -> SendResult:
         """Send ``ctx``; raise :class:`DeliveryError` on failure."""
+        ...
+
+
+@runtime_checkable
+class PreparingExporter(Exporter, Protocol):
+    """An exporter that builds its payload apart from sending it, so the next one is built while one is sent."""
+
+    def prepare(self, ctx: ExportContext, settings: Settings) -> Any:
+        """Build what :meth:`send_prepared` sends (e.g. the SR data set)."""
+        ...
+
+    def send_prepared(self, payload: Any, settings: Settings) -> SendResult:
+        """Send a payload :meth:`prepare` built; raise :class:`DeliveryError` on failure."""
         ...
 
 

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Delivery, DeliveryState, Report, Study, StudyState, utcnow
-from preread.worker.exporters.base import DeliveryError, PermanentDeliveryError, exporter_for
+from preread.worker.exporters.base import DeliveryError, PermanentDeliveryError, PreparingExporter, exporter_for
 from preread.worker.exporters.context import ExportContext, ExportInputError, load_context
 from preread.worker.exporters.destinations import Destination, destinations_from_settings
 
@@ -219,9 +219,8 @@ def _prepare(settings: Settings, dest: Destination, exporter: Any, row: tuple[in
     try:
         with session_scope(settings.effective_database_url) as session:
             job.ctx = load_context(session, settings, rid)
-        prepare = getattr(exporter, "prepare", None)
-        if callable(prepare):
-            job.payload = prepare(job.ctx, settings)
+        if isinstance(exporter, PreparingExporter):
+            job.payload = exporter.prepare(job.ctx, settings)
     except ExportInputError as exc:
         job.error = str(exc)
     except Exception as exc:  # a bug or a draft highdicom refuses: the row fails, the others go on
@@ -267,7 +266,7 @@ def work_destination(settings: Settings, dest: Destination, report_id: int | Non
                 if job.transaction_uid is not None:
                     setattr(exporter, "transaction_uid", job.transaction_uid)  # only the dicom exporter asks for commitment
                 try:
-                    if job.payload is not None:
+                    if job.payload is not None and isinstance(exporter, PreparingExporter):
                         result = exporter.send_prepared(job.payload, settings)
                     else:
                         result = exporter.send(job.ctx, settings)
