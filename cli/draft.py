@@ -5,24 +5,24 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from sqlalchemy import select
 
-from preread.ingest.assembly.catalog import record_instance
-from preread.ingest.assembly.discover import FoundStudy, discover
-from preread.schemas.database import session_scope, upgrade
-from preread.schemas.settings import Settings, get_settings
-from preread.schemas.tables import Image, StudyState
-from preread.worker.pipeline.stages import BadInput, current_report, infer_step, render_step, set_state
+if TYPE_CHECKING:  # the stack is imported when the command runs: `preread --help` stays fast
+    from preread.ingest.assembly.discover import FoundStudy
+    from preread.schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def _index_study(settings: Settings, found: FoundStudy) -> int:
     """Record a study's files in the database (idempotent) and mark it STABLE for (re)drafting."""
+    from preread.ingest.assembly.catalog import record_instance
+    from preread.schemas.database import session_scope
+    from preread.schemas.tables import StudyState
+    from preread.worker.pipeline.stages import set_state
+
     with session_scope(settings.effective_database_url) as session:
         study_id = 0
         for inst in found.instances:
@@ -39,8 +39,14 @@ def _index_study(settings: Settings, found: FoundStudy) -> int:
     return study_id
 
 
-def _summary(settings: Settings, study_id: int, study_uid: str) -> dict:
+def _summary(settings: Settings, study_id: int, study_uid: str) -> dict[str, Any]:
     """The stored draft of a study, as printed by the command."""
+    from sqlalchemy import select
+
+    from preread.schemas.database import session_scope
+    from preread.schemas.tables import Image
+    from preread.worker.pipeline.stages import current_report
+
     with session_scope(settings.effective_database_url) as session:
         report = current_report(session, study_id)
         assert report is not None
@@ -67,9 +73,19 @@ def draft(
     as_json: Annotated[bool, typer.Option("--json", help="Print the drafts as JSON.")] = False,
 ) -> None:
     """Draft a pre-read for every study found under PATHS and store it in the database."""
+    from rich.console import Console
+
+    from preread.cli.errors import use_settings
+    from preread.ingest.assembly.discover import discover
+    from preread.schemas.database import session_scope, upgrade
+    from preread.schemas.settings import get_settings
+    from preread.schemas.tables import StudyState
+    from preread.worker.pipeline.stages import BadInput, infer_step, render_step, set_state
+
     settings = get_settings()
     if model:
         settings = settings.model_copy(update={"model": model})
+    use_settings(settings)  # messages name the model given here
     err = Console(stderr=True)
     upgrade(settings.effective_database_url)
     studies, skipped = discover(paths)

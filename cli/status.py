@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from rich.console import Group
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from preread.schemas.settings import get_settings
-from preread.worker.pipeline.status import PipelineStatus, snapshot
+if TYPE_CHECKING:  # imported by the commands that use them: `preread --help` stays fast
+    from rich.console import Group
+
+    from preread.worker.pipeline.status import PipelineStatus
 
 
 def render_status(status: PipelineStatus) -> Group:
     """Rich tables for a status snapshot (shared with ``preread run``'s live view)."""
+    from rich.console import Group
+    from rich.table import Table
+
     states = Table(title="Studies", show_edge=False)
     for name in status.states:
         states.add_column(name, justify="right")
@@ -31,12 +35,19 @@ def render_status(status: PipelineStatus) -> Group:
 
 
 def status() -> None:
-    """Print the pipeline's state from the database and the broker."""
+    """Print the pipeline's state from the database and the broker (never creates or migrates anything)."""
     from rich.console import Console
 
-    from preread.schemas.database import upgrade
-    from preread.worker.pipeline.celery_app import app
+    from preread.cli.run import describe_sources
+    from preread.cli.db import require_database
+    from preread.schemas.settings import get_settings
 
     settings = get_settings()
-    upgrade(settings.effective_database_url)
-    Console().print(render_status(snapshot(settings, app)))
+    console = Console()
+    for line in describe_sources(settings):
+        console.print(line, highlight=False, soft_wrap=True)
+    require_database(settings.effective_database_url)
+    from preread.worker.pipeline.celery_app import app
+    from preread.worker.pipeline.status import snapshot
+
+    console.print(render_status(snapshot(settings, app)))
