@@ -83,8 +83,8 @@ def read_instance(path: Path) -> FoundInstance:
         with warnings.catch_warnings(record=True) as caught:  # kept out of logs: they may quote values
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise ValueError(f"not a DICOM file ({exc})") from None
+    except InvalidDicomError:  # its text advises force=True, which a user cannot act on
+        raise ValueError("not DICOM (no DICM prefix and no File Meta Information)") from None
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise ValueError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from None
     try:
