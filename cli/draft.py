@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
 if TYPE_CHECKING:  # the stack is imported when the command runs: `preread --help` stays fast
     from preread.ingest.assembly.discover import FoundStudy
     from preread.schemas.settings import Settings
+    from preread.worker.inference.engine import ProbeResult
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,42 @@ def _index_study(settings: Settings, found: FoundStudy) -> int:
     return study_id
 
 
+def urgency_reason(study: str | None, report: str | None, probes: list[dict[str, Any]], settings: Settings) -> str:
+    """Why the study has the urgency it has, in words; says so when it differs from the report's.
+
+    The study takes the higher of the report's urgency and the probes' (the top probe score against
+    PREREAD_PRIORITY_THRESHOLD and PREREAD_STAT_THRESHOLD).
+    """
+    from preread.schemas.findings import Urgency
+    from preread.worker.inference.engine import urgency_from_probes
+
+    top = max(probes, key=lambda p: p["score"], default=None)
+    thresholds = (
+        f"PREREAD_PRIORITY_THRESHOLD={settings.priority_threshold:g}, PREREAD_STAT_THRESHOLD={settings.stat_threshold:g}"
+    )
+    if top is None:
+        from_probes = Urgency.ROUTINE
+        probe_words = "no probe scores"
+    else:
+        stored = cast(list["ProbeResult"], [SimpleNamespace(score=p["score"]) for p in probes])  # it reads .score only
+        from_probes = urgency_from_probes(stored, settings.priority_threshold, settings.stat_threshold)
+        probe_words = f"the top probe, {top['condition']}, scored {top['score']:.2f} ({thresholds})"
+    if report is None:
+        return f"{study}: from the probes, the report has no urgency (unparsed); {probe_words}"
+    if study == report:
+        if from_probes == Urgency(report):
+            return f"{study}: the report's urgency, and the probes agree: {probe_words}"
+        return f"{study}: the report's urgency, higher than the probes': {probe_words}"
+    return f"{study}, not the report's {report}: raised by the probes: {probe_words}"
+
+
 def _summary(settings: Settings, study_id: int, study_uid: str) -> dict[str, Any]:
-    """The stored draft of a study, as printed by the command."""
+    """The stored draft of a study, as printed by the command: with probe scores, urgency and what was left out."""
     from sqlalchemy import select
 
+    from preread.ingest.render.manifest import MANIFEST_NAME, read_manifest
     from preread.schemas.database import session_scope
-    from preread.schemas.tables import Image
+    from preread.schemas.tables import Image, ProbeScore, Study
     from preread.worker.pipeline.stages import current_report
 
     with session_scope(settings.effective_database_url) as session:
@@ -53,9 +85,27 @@ def _summary(settings: Settings, study_id: int, study_uid: str) -> dict[str, Any
         images = session.execute(
             select(Image.path, Image.width, Image.height, Image.window).where(Image.study_id == study_id).order_by(Image.ordinal)
         ).all()
+        probes = [
+            {"condition": c, "question": q, "score": round(float(sc), 4)}
+            for c, q, sc in session.execute(
+                select(ProbeScore.condition, ProbeScore.question, ProbeScore.score)
+                .where(ProbeScore.study_id == study_id, ProbeScore.current.is_(True))
+                .order_by(ProbeScore.score.desc(), ProbeScore.condition)
+            )
+        ]
+        study_urgency = session.execute(select(Study.urgency).where(Study.id == study_id)).scalar_one()
+        not_shown: dict[str, list[dict[str, Any]]] = {}
+        if images:
+            manifest = Path(images[0][0]).parent / MANIFEST_NAME
+            if manifest.exists():
+                not_shown = read_manifest(manifest).not_shown
         return {
             "study_instance_uid": study_uid,
             "report_id": report.id,
+            "urgency": study_urgency,
+            "report_urgency": report.urgency,
+            "urgency_reason": urgency_reason(study_urgency, report.urgency, probes, settings),
+            "probe_scores": probes,
             "parse_status": report.parse_status,
             "draft": report.draft_text,
             "structured": report.structured,
@@ -64,6 +114,7 @@ def _summary(settings: Settings, study_id: int, study_uid: str) -> dict[str, Any
             "model_id": report.model_id,
             "prompt_version": report.prompt_version,
             "images": [{"path": p, "width": w, "height": h, "window": win} for p, w, h, win in images],
+            "not_shown": not_shown,
         }
 
 
