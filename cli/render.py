@@ -60,7 +60,6 @@ def render(
     1 when nothing could be rendered.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from preread.ingest.render.batch import jobs_for, render_files
 
@@ -75,25 +74,34 @@ def render(
     n_workers = workers or os.cpu_count() or 1
     failures: list[FileResult] = []
     written = 0
-    progress = Progress(
-        TextColumn("[bold]render[/bold]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-    with progress:
-        task = progress.add_task("render", total=len(jobs))
 
-        def done(result: FileResult) -> None:
-            nonlocal written
-            written += len(result.outputs)
-            if result.error:
-                failures.append(result)
-            progress.advance(task)
+    def done(result: FileResult) -> None:
+        nonlocal written
+        written += len(result.outputs)
+        if result.error:
+            failures.append(result)
 
+    if console.is_terminal:  # a progress bar only for a person watching (rich.progress costs startup time)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("[bold]render[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        with progress:
+            task = progress.add_task("render", total=len(jobs))
+
+            def done_and_shown(result: FileResult) -> None:
+                done(result)
+                progress.advance(task)
+
+            render_files(jobs, workers=n_workers, on_result=done_and_shown)
+    else:
         render_files(jobs, workers=n_workers, on_result=done)
     if failures:
         console.print(f"[yellow]{len(failures)} input(s) skipped:[/yellow]")

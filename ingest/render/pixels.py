@@ -134,7 +134,7 @@ def read_instance(path: Path | str) -> Dataset:
         if not _has_dicm_prefix(path):
             raise UnreadableInstance(NOT_DICOM) from None
         raise UnreadableInstance(f"not a readable DICOM file ({type(exc).__name__}: {_short(exc)})") from None
-    if not _has_dicm_prefix(path) and not any(k in ds for k in _IDENTIFYING_KEYWORDS):
+    if not any(k in ds for k in _IDENTIFYING_KEYWORDS) and not _has_dicm_prefix(path):
         raise UnreadableInstance(NOT_DICOM)  # read "by force", a text file is an empty data set
     ended_early = any("End of file reached" in str(w.message) for w in caught)
     if ended_early and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
