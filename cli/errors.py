@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
+import typer
 from typer.core import TyperGroup
 
 #: The exit code of every operator error (1 stays "the command ran and found nothing to do").
@@ -243,23 +243,23 @@ def report(exc: BaseException, command: str = "preread") -> int:
     if message is None or debug_requested():
         raise exc
     first, *rest = message.splitlines()
-    click.echo(f"{command}: {first}", err=True)
+    typer.echo(f"{command}: {first}", err=True)
     for line in rest[:1]:
-        click.echo(f"  {line}", err=True)
+        typer.echo(f"  {line}", err=True)
     return EXIT_OPERATOR
 
 
 class OperatorErrorGroup(TyperGroup):
     """The ``preread`` command group: every subcommand's expected failures become one-line errors."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except KeyboardInterrupt:
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped below, re-raised when not an operator error
+            if type(exc).__module__.startswith(("typer", "click")):  # usage errors: typer prints those itself
+                raise
             name = ctx.invoked_subcommand or ctx.info_name or "preread"
             code = report(exc, f"preread {name}" if name != "preread" else name)
             ctx.exit(code)
