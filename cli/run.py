@@ -37,6 +37,16 @@ def describe_sources(settings: Any) -> list[str]:
     ]
 
 
+def preread_command() -> list[str]:
+    """How children run ``preread``: the console script beside this interpreter when there is one.
+
+    A Celery worker restarted by SIGHUP re-executes its own command line; ``preread worker`` works
+    from anywhere, a module path may not.
+    """
+    script = Path(sys.executable).with_name("preread")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "preread.cli.main"]
+
+
 def _log_to_file(path: Path) -> None:
     """This process's own log lines (coordinator, supervisor) go to ``path``, not the console."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +92,7 @@ def run(
     if listen:
         _say(console, f"preread run: DICOM listener: {settings.ae_title}@{settings.host}:{settings.port}")
 
-    exe = [sys.executable, "-m", "preread.cli.main"]
+    exe = preread_command()
     roles = [
         ("listener", ["listen"]),
         ("render-worker", ["worker", "--queues", "render", "--concurrency", str(render_workers)]),
