@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from alembic import context
+from alembic.autogenerate.api import AutogenContext
+from sqlalchemy.engine import Connection
 
 from preread.schemas.database import make_engine
 from preread.schemas.tables import Base
@@ -23,7 +27,10 @@ def run_migrations_online() -> None:
     """Run against a live connection (batch mode so SQLite can alter tables)."""
     connectable = config.attributes.get("connection")
     if connectable is None:
-        engine = make_engine(config.get_main_option("sqlalchemy.url"))
+        url = config.get_main_option("sqlalchemy.url")
+        if url is None:
+            raise RuntimeError("no database URL: run migrations through preread.schemas.database.upgrade")
+        engine = make_engine(url)
         with engine.connect() as connection:
             _run(connection)
         engine.dispose()
@@ -31,7 +38,7 @@ def run_migrations_online() -> None:
         _run(connectable)
 
 
-def _render_item(type_: str, obj, autogen_context):  # type: ignore[no-untyped-def]
+def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     """Render our UTC timestamp decorator as the plain DateTime it stores."""
     from preread.schemas.tables import UTCDateTime
 
@@ -40,7 +47,7 @@ def _render_item(type_: str, obj, autogen_context):  # type: ignore[no-untyped-d
     return False
 
 
-def _run(connection) -> None:  # type: ignore[no-untyped-def]
+def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
                       compare_type=True, compare_server_default=True, render_item=_render_item)
     with context.begin_transaction():

@@ -76,7 +76,7 @@ def main() -> None:
     from preread.schemas.database import upgrade
     from preread.schemas.settings import Settings
     from tests.support.procs import Proc, RedisServer, base_env, free_port, preread_argv, storescu, wait_port, wait_until
-    from tests.pipeline.test_queue import all_in, make_studies
+    from tests.support.studies import all_in, make_studies
     from tests.support.tiny_model import build_tiny_model
 
     console = Console()

@@ -225,6 +225,8 @@ def explain(exc: BaseException) -> str | None:
         seen.add(id(current))
         if isinstance(current, OperatorError):
             return str(current)
+        if type(current).__name__ in {"SettingsError", "SettingsFileError"}:  # already one line per bad setting
+            return mask_url(str(current))
         if type(current).__name__ == "ValidationError" and type(current).__module__.startswith("pydantic"):
             message = _validation_message(current)
         elif isinstance(current, OSError) and not type(current).__module__.startswith(("huggingface_hub", "transformers")):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,6 +19,15 @@ def listen(
     from preread.schemas.settings import Settings
 
     configure_logging(log_level)
-    overrides = {k: v for k, v in {"port": port, "ae_title": ae_title, "host": host}.items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in {"port": port, "ae_title": ae_title, "host": host}.items() if v is not None}
     settings = Settings(**overrides) if overrides else Settings()
-    raise typer.Exit(serve(settings, workers=workers, log_level=log_level))
+    from preread.schemas.tables import ProcessRole, ProcessState
+    from preread.worker.pipeline.heartbeat import HeartbeatWriter
+
+    beat = HeartbeatWriter(settings.effective_database_url, ProcessRole.LISTENER, state=ProcessState.READY,
+                           details={"port": settings.port, "ae_title": settings.ae_title}).start()
+    try:
+        code = serve(settings, workers=workers, log_level=log_level)
+    finally:
+        beat.stop()
+    raise typer.Exit(code)

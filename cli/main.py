@@ -18,8 +18,10 @@ import typer
 from preread.cli.db import db_app
 from preread.cli.draft import draft
 from preread.cli.errors import DEBUG_ENV, OperatorErrorGroup
+from preread.cli.export import export
 from preread.cli.listen import listen
 from preread.cli.render import render as render_command
+from preread.cli.retry import retry
 from preread.cli.run import coordinate, run
 from preread.cli.status import status
 from preread.cli.worker import worker
@@ -52,6 +54,8 @@ app.command("run")(run)
 app.command("coordinate")(coordinate)
 app.command("listen")(listen)
 app.command("render")(render_command)
+app.command("retry")(retry)
+app.command("export")(export)
 
 
 def configure_console_logging() -> None:

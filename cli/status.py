@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported by the commands that use them: `preread --help` stays fast
-    from rich.console import Group
+    from rich.console import Group, RenderableType
+    from rich.table import Table
 
     from preread.worker.pipeline.status import PipelineStatus
 
 
 def render_status(status: PipelineStatus) -> Group:
     """Rich tables for a status snapshot (shared with ``preread run``'s live view)."""
-    from rich.console import Group
+    from rich.console import Group, RenderableType
     from rich.table import Table
+    from rich.text import Text
 
     states = Table(title="Studies", show_edge=False)
     for name in status.states:
@@ -31,19 +33,47 @@ def render_status(status: PipelineStatus) -> Group:
     failures.add_column("reason")
     for f in status.failures:
         failures.add_row(f.at.strftime("%Y-%m-%d %H:%M:%S"), f.study_uid, f.error)
-    return Group(states, queues, failures)
+    parts: list[RenderableType] = [states]
+    for state, why in status.waiting.items():
+        parts.append(Text(f"{status.states.get(state, 0)} {state} studies wait: {why}", style="yellow"))
+    parts += [queues, _processes(status)]
+    parts += [Text(line, style="bold red") for line in status.warnings]
+    parts.append(failures)
+    if status.export_failures:
+        exports = Table(title="Export failures (the drafts stay DRAFTED; `preread export` sends again)", show_edge=False)
+        exports.add_column("when (UTC)")
+        exports.add_column("study")
+        exports.add_column("reason")
+        for f in status.export_failures:
+            exports.add_row(f.at.strftime("%Y-%m-%d %H:%M:%S"), f.study_uid, f.error)
+        parts.append(exports)
+    return Group(*parts)
+
+
+def _processes(status: PipelineStatus) -> Table:
+    """Processes seen in the last minute, with their readiness and why not."""
+    from rich.table import Table
+
+    table = Table(title="Processes (seen in the last 60 s)", show_edge=False)
+    for column in ("role", "queues", "host", "pid", "state", "reason"):
+        table.add_column(column)
+    for p in status.processes:
+        table.add_row(p.role, ",".join(p.queues), p.host, str(p.pid), p.state, p.reason or "")
+    return table
 
 
 def status() -> None:
     """Print the pipeline's state from the database and the broker (never creates or migrates anything)."""
     from rich.console import Console
 
-    from preread.cli.run import describe_sources
     from preread.cli.db import require_database
+    from preread.cli.run import describe_sources
     from preread.schemas.settings import get_settings
 
     settings = get_settings()
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped or logged: whole lines, that grep finds
     for line in describe_sources(settings):
         console.print(line, highlight=False, soft_wrap=True)
     require_database(settings.effective_database_url)

@@ -6,10 +6,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 
 def migrations_dir() -> Path:
@@ -24,7 +29,7 @@ def migrations_dir() -> Path:
     raise RuntimeError("the migrations (package data preread.migrations) are not installed; reinstall infimed-preread")
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     """Durable, concurrent SQLite: WAL, full fsync, foreign keys, wait on locks."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -34,14 +39,14 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
-def _sqlite_normal_sync(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_normal_sync(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     """WAL commits without fsync: safe against a killed process, not against power loss."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
 
-def _postgres_async_commit(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _postgres_async_commit(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     """Commits that do not wait for the WAL flush: safe against a killed client, not a server crash."""
     autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
@@ -103,7 +108,7 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
-def alembic_config(url: str):  # type: ignore[no-untyped-def]
+def alembic_config(url: str) -> Config:
     """An Alembic config pointing at our migrations and ``url``."""
     from alembic.config import Config
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.support.studies import testdata
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -73,14 +75,7 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue("pg_url" if request.param == "postgres" else "sqlite_url")
 
 
-def testdata(name: str) -> Path:
-    """A real DICOM file from pydicom's test data or pydicom-data, found offline."""
-    from pydicom.data import get_testdata_file
-
-    found = get_testdata_file(name)
-    if found is None:
-        raise FileNotFoundError(name)
-    return Path(found)
+__all__ = ["testdata"]  # tests import it from here; it lives with the other support helpers
 
 
 @pytest.fixture(scope="session")

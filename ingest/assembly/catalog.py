@@ -11,11 +11,13 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from sqlalchemy import case, literal, null, select, update
+from sqlalchemy import ColumnElement, Table, Update, case, literal, literal_column, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
 
 from preread.schemas.tables import Instance, Series, Study, StudyState, UTCDateTime, utcnow
 
@@ -124,13 +126,90 @@ def requested_priority(ds: Dataset) -> int:
     return rank
 
 
-def _insert(session: Session, table):  # type: ignore[no-untyped-def]
+def _insert(session: Session, table: type[Study] | type[Series] | type[Instance]) -> postgresql.Insert | sqlite.Insert:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         return postgresql.insert(table)
     if dialect == "sqlite":
         return sqlite.insert(table)
     raise NotImplementedError(f"unsupported database dialect {dialect}")
+
+
+#: The studies and instances tables (declarative mapping always makes a Table; ``__table__`` is typed as any FromClause).
+STUDIES = cast(Table, Study.__table__)
+INSTANCES = cast(Table, Instance.__table__)
+
+
+#: The columns a new instance row is inserted with.
+INSTANCE_COLUMNS = (
+    "series_id", "sop_instance_uid", "sop_class_uid", "transfer_syntax_uid", "instance_number", "number_of_frames",
+    "path", "size_bytes", "received_at",
+)
+
+
+def insert_instance(dialect: str) -> ReturningInsert[Any]:
+    """The one INSERT of an instance row, its values bound by column name (:func:`instance_row`).
+
+    A SOP Instance UID already stored inserts nothing: the first copy wins, and
+    the statement returns no id (RETURNING, not rowcount: psycopg reports -1
+    for an INSERT that the dialect made RETURNING).
+    """
+    insert: postgresql.Insert | sqlite.Insert
+    if dialect == "postgresql":
+        insert = postgresql.insert(INSTANCES)
+    elif dialect == "sqlite":
+        insert = sqlite.insert(INSTANCES)
+    else:
+        raise NotImplementedError(f"unsupported database dialect {dialect}")
+    return insert.on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(INSTANCES.c.id)
+
+
+def instance_row(
+    ds: Dataset,
+    ident: InstanceIdentity,
+    series_id: int,
+    path: Path,
+    size_bytes: int,
+    transfer_syntax_uid: str | None,
+    received_at: object,
+) -> dict[str, object]:
+    """The values of a new instance row, by column name (:data:`INSTANCE_COLUMNS`), for :func:`insert_instance`."""
+    values = (
+        series_id,
+        ident.sop_instance_uid,
+        ident.sop_class_uid,
+        transfer_syntax_uid,
+        int_attribute(ds, "InstanceNumber"),
+        int_attribute(ds, "NumberOfFrames") or 1,
+        str(path),
+        size_bytes,
+        received_at,
+    )
+    return dict(zip(INSTANCE_COLUMNS, values, strict=True))
+
+
+def receive_study(study_id: int | ColumnElement[Any], now: ColumnElement[datetime]) -> Update:
+    """The re-open rule, as the one UPDATE of a study row that a new instance makes.
+
+    The study is receiving and its quiet period restarts at ``now``. A study that
+    had moved past RECEIVING is re-opened (its state changes now and its error is
+    cleared), so a new draft is made once it is stable again; earlier drafts are
+    kept. The rule is decided in SQL, on the row as this UPDATE locks it: a
+    stability monitor may have made the study STABLE a moment ago.
+    """
+    receiving: ColumnElement[str] = literal_column(f"'{StudyState.RECEIVING.value}'")
+    reopen = STUDIES.c.state != receiving
+    return (
+        update(STUDIES)
+        .where(STUDIES.c.id == study_id)
+        .values(
+            last_received_at=now,
+            updated_at=now,
+            state=receiving,
+            state_changed_at=case((reopen, now), else_=STUDIES.c.state_changed_at),
+            error=case((reopen, null()), else_=STUDIES.c.error),
+        )
+    )
 
 
 def upsert_study(session: Session, ds: Dataset, ident: InstanceIdentity, source: str = "listener") -> int:
@@ -161,25 +240,12 @@ def upsert_study(session: Session, ds: Dataset, ident: InstanceIdentity, source:
 
 
 def note_new_instance(session: Session, study_id: int, modality: str | None) -> None:
-    """A new instance arrived: the study is receiving again and its quiet period restarts.
-
-    A study that had moved past RECEIVING is re-opened, so a new draft is made
-    once it is stable again; earlier drafts are kept.
-    """
-    now = utcnow()
-    study = session.execute(select(Study.state, Study.modalities).where(Study.id == study_id)).one()
-    changes: dict[str, object] = {"last_received_at": now, "updated_at": now}
-    if modality and study.modalities and modality not in study.modalities.split("\\"):
-        changes["modalities"] = f"{study.modalities}\\{modality}"[:64]
-    # Re-opening is decided in SQL, on the row as this UPDATE locks it: a stability
-    # monitor may have made the study STABLE since the SELECT above.
-    reopen = Study.state != StudyState.RECEIVING
-    changes.update(
-        state=StudyState.RECEIVING,
-        state_changed_at=case((reopen, literal(now, UTCDateTime())), else_=Study.state_changed_at),
-        error=case((reopen, null()), else_=Study.error),
-    )
-    session.execute(update(Study).where(Study.id == study_id).values(**changes))
+    """A new instance arrived: :func:`receive_study`, and its modality added to the study's."""
+    statement = receive_study(study_id, literal(utcnow(), UTCDateTime()))
+    modalities = session.execute(select(Study.modalities).where(Study.id == study_id)).scalar_one()
+    if modality and modalities and modality not in modalities.split("\\"):
+        statement = statement.values(modalities=f"{modalities}\\{modality}"[:64])
+    session.execute(statement)
 
 
 def upsert_series(session: Session, ds: Dataset, ident: InstanceIdentity, study_id: int) -> int:
@@ -214,22 +280,9 @@ def record_instance(
     ident = identity_of(ds)
     study_id = upsert_study(session, ds, ident, source)
     series_id = upsert_series(session, ds, ident, study_id)
-    frames = int_attribute(ds, "NumberOfFrames") or 1
     result = session.execute(
-        _insert(session, Instance)
-        .values(
-            series_id=series_id,
-            sop_instance_uid=ident.sop_instance_uid,
-            sop_class_uid=ident.sop_class_uid,
-            transfer_syntax_uid=transfer_syntax_uid,
-            instance_number=int_attribute(ds, "InstanceNumber"),
-            number_of_frames=frames,
-            path=str(path),
-            size_bytes=size_bytes,
-            received_at=utcnow(),
-        )
-        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-        .returning(Instance.id)  # not rowcount: psycopg reports -1 when the dialect adds RETURNING
+        insert_instance(session.get_bind().dialect.name),
+        instance_row(ds, ident, series_id, path, size_bytes, transfer_syntax_uid, utcnow()),
     )
     created = result.first() is not None
     if created:

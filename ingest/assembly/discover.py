@@ -7,17 +7,16 @@ truncated or lacks valid UIDs is reported with its reason, never fatal.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
 
 from preread.ingest.assembly.catalog import InstanceIdentity, InvalidIdentity, identity_of
+from preread.ingest.assembly.reading import read_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +58,12 @@ def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
-def _truncation_check(path: Path, ds: Dataset, ended_early: bool) -> None:
+def _truncation_check(ds: Dataset, cut_short: bool) -> None:
     """Raise if the file ends before its pixel data does: pydicom reads a short value silently."""
+    if cut_short:
+        raise ValueError("truncated: the file ends inside its pixel data")
     if "PixelData" not in ds:
         return
-    if ended_early:
-        raise ValueError("truncated: the file ends inside its pixel data")
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if tsyntax is not None and tsyntax.is_encapsulated:
         return
@@ -80,9 +79,7 @@ def _truncation_check(path: Path, ds: Dataset, ended_early: bool) -> None:
 def read_instance(path: Path) -> FoundInstance:
     """The header and identity of one file; raises ``ValueError`` with a readable reason."""
     try:
-        with warnings.catch_warnings(record=True) as caught:  # kept out of logs: they may quote values
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(path)
+        ds, cut_short = read_file(path)
     except InvalidDicomError:  # its text advises force=True, which a user cannot act on
         raise ValueError("not DICOM (no DICM prefix and no File Meta Information)") from None
     except Exception as exc:  # pydicom raises many types on corrupt input
@@ -91,7 +88,7 @@ def read_instance(path: Path) -> FoundInstance:
         ident = identity_of(ds)
     except InvalidIdentity as exc:
         raise ValueError(str(exc)) from None
-    _truncation_check(path, ds, any("End of file reached" in str(w.message) for w in caught))
+    _truncation_check(ds, cut_short)
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     return FoundInstance(path, ds, ident, str(tsyntax) if tsyntax else None, path.stat().st_size)
 

@@ -6,7 +6,9 @@ series ids are then remembered, so every further instance of that series is
 two statements (insert the instance, touch the study) in one transaction,
 sent as fixed SQL text on the driver's own connection (SQLite and psycopg),
 without SQLAlchemy's per-statement compile and result machinery: the ingest
-hot path is a few tens of microseconds of Python plus the commit.
+hot path is a few tens of microseconds of Python plus the commit. Both
+statements are the catalog's own (:func:`~preread.ingest.assembly.catalog.insert_instance`,
+:func:`~preread.ingest.assembly.catalog.receive_study`), compiled to that SQL once.
 """
 
 from __future__ import annotations
@@ -15,45 +17,45 @@ import fcntl
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Engine, bindparam, case, null, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine, bindparam, select
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.sql.dml import UpdateBase
 
-from preread.ingest.assembly.catalog import InstanceIdentity, int_attribute, record_instance
-from preread.schemas.tables import Instance, Series, Study, StudyState, UTCDateTime, utcnow
+from preread.ingest.assembly.catalog import (
+    INSTANCE_COLUMNS,
+    INSTANCES,
+    InstanceIdentity,
+    insert_instance,
+    instance_row,
+    receive_study,
+    record_instance,
+)
+from preread.schemas.tables import Series, UTCDateTime, utcnow
 
 #: Series whose ids are remembered, per process.
 CACHE_SIZE = 4096
 
-_studies = Study.__table__
-_instances = Instance.__table__
 
 
-def _touch_study():  # type: ignore[no-untyped-def]
-    """UPDATE that marks a study as just receiving; re-opens it if it had moved on.
+#: :func:`~preread.ingest.assembly.catalog.receive_study` with its two values as named parameters.
+_TOUCH = receive_study(bindparam("b_study_id"), bindparam("b_now", type_=UTCDateTime()))
 
-    The CASE is evaluated on the row as this UPDATE locks it, so a study a
-    stability monitor flipped a moment ago is re-opened too.
-    """
-    now = bindparam("b_now", type_=UTCDateTime())
-    reopen = _studies.c.state != StudyState.RECEIVING.value
-    return (
-        update(_studies)
-        .where(_studies.c.id == bindparam("b_study_id"))
-        .values(
-            last_received_at=now,
-            updated_at=now,
-            state=StudyState.RECEIVING.value,
-            state_changed_at=case((reopen, now), else_=_studies.c.state_changed_at),
-            error=case((reopen, null()), else_=_studies.c.error),
-        )
-    )
+
+
+
+def _qmark_sql(statement: UpdateBase, columns: Sequence[str] | None = None) -> tuple[str, tuple[str, ...]]:
+    """``statement`` (with values for ``columns``) as plain SQL, valid on SQLite and Postgres, with ``?``
+    placeholders; and the parameter names in their order."""
+    compiled = statement.compile(dialect=sqlite.dialect(paramstyle="qmark"), column_keys=columns)
+    return compiled.string, tuple(compiled.positiontup or ())
 
 
 class WriterLock:
@@ -115,12 +117,7 @@ class InstanceIndex:
         self._ids: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
         self._lock = threading.Lock()
         dialect = engine.dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self._touch = _touch_study()
-        # RETURNING, not rowcount: psycopg reports -1 for an INSERT that the dialect made RETURNING
-        self._insert = (
-            insert(_instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(_instances.c.id)
-        )
+        self._insert = insert_instance(dialect)
         # the same two statements as driver SQL, for the drivers we know the parameter style of
         mark = {"sqlite": "?", "postgresql": "%s"}.get(dialect) if engine.dialect.driver in ("pysqlite", "psycopg") else None
         self._raw = mark is not None
@@ -128,12 +125,14 @@ class InstanceIndex:
         self._insert_sql = _INSERT_SQL.replace("?", mark) if mark else ""
         self._touch_sql = _TOUCH_SQL.replace("?", mark) if mark else ""
         self._record_sql = _RECORD_SQL.replace("?", mark) if mark else ""
-        self._stamp = _instances.c.received_at.type.bind_processor(engine.dialect) or (lambda value: value)
+        self._stamp = INSTANCES.c.received_at.type.bind_processor(engine.dialect) or (lambda value: value)
         dbapi = engine.dialect.loaded_dbapi if self._raw else None
-        self._integrity_error: type[Exception] = dbapi.IntegrityError if dbapi is not None else IntegrityError
-        self._disconnect_errors: tuple[type[Exception], ...] = (
-            (dbapi.OperationalError, dbapi.InterfaceError) if self._postgres else ()
-        )
+        self._integrity_error: type[Exception] = IntegrityError
+        self._disconnect_errors: tuple[type[Exception], ...] = ()
+        if dbapi is not None:
+            self._integrity_error = dbapi.IntegrityError
+            if self._postgres:
+                self._disconnect_errors = (dbapi.OperationalError, dbapi.InterfaceError)
 
     def record(
         self,
@@ -155,9 +154,9 @@ class InstanceIndex:
         with self._lock:
             ids = self._ids.get(key)
         if ids is not None:
-            new = self._record_fast(ds, ident, ids, path, size, transfer_syntax)
-            if new is not None:
-                return new
+            fast = self._record_fast(ds, ident, ids, path, size, transfer_syntax)
+            if fast is not None:
+                return fast
         header = full_header() if full_header is not None else ds
         for attempt in (1, 2):
             try:
@@ -190,7 +189,7 @@ class InstanceIndex:
         try:
             with self._writer, self.engine.begin() as conn:
                 new = self._insert_row(conn, ds, ident, series_id, path, size, transfer_syntax, now)
-                if new and conn.execute(self._touch, {"b_study_id": study_id, "b_now": now}).rowcount != 1:
+                if new and conn.execute(_TOUCH, {"b_study_id": study_id, "b_now": now}).rowcount != 1:
                     raise _Stale
                 return new
         except (_Stale, IntegrityError):  # study or series deleted since it was cached
@@ -214,11 +213,10 @@ class InstanceIndex:
         stamp = self._stamp(now)
         if not self._postgres and isinstance(stamp, datetime):
             stamp = stamp.isoformat(" ")  # what sqlite3's default adapter would make of it, without the adapter
-        row = (
-            series_id, ident.sop_instance_uid, ident.sop_class_uid, transfer_syntax, int_attribute(ds, "InstanceNumber"),
-            int_attribute(ds, "NumberOfFrames") or 1, str(path), size, stamp,
-        )
-        touch = (stamp, stamp, stamp, study_id)
+        values = instance_row(ds, ident, series_id, path, size, transfer_syntax, stamp)
+        row = tuple(values[name] for name in _INSERT_PARAMS)
+        values = {"b_now": stamp, "b_study_id": study_id}
+        touch = tuple(values[name] for name in _TOUCH_PARAMS)
         for attempt in (1, 2):
             try:
                 with self._writer:
@@ -242,7 +240,7 @@ class InstanceIndex:
             self._ids.pop((ident.study_uid, ident.series_uid), None)
         return None
 
-    def _sqlite_once(self, conn, row: tuple[object, ...], touch: tuple[object, ...]) -> bool:  # type: ignore[no-untyped-def]
+    def _sqlite_once(self, conn: PoolProxiedConnection, row: tuple[object, ...], touch: tuple[object, ...]) -> bool:
         cursor = conn.cursor()
         try:
             cursor.execute(self._insert_sql, row)
@@ -259,14 +257,16 @@ class InstanceIndex:
         finally:
             cursor.close()
 
-    def _postgres_once(self, conn, params: tuple[object, ...]) -> bool:  # type: ignore[no-untyped-def]
+    def _postgres_once(self, conn: PoolProxiedConnection, params: tuple[object, ...]) -> bool:
         driver = conn.driver_connection
+        if driver is None:
+            raise _Stale  # a connection already invalidated: the slow path takes a new one
         driver.autocommit = True  # the statement is its own transaction: no BEGIN, no COMMIT round trips
         try:
             cursor = conn.cursor()
             try:
                 cursor.execute(self._record_sql, params)
-                inserted, touched = cursor.fetchone()
+                inserted, touched = cursor.fetchone() or (0, 0)
             finally:
                 cursor.close()
         finally:
@@ -275,38 +275,19 @@ class InstanceIndex:
             raise _Stale  # cannot happen while series rows cascade with their study; the slow path repairs it
         return bool(inserted)
 
-    def _insert_row(self, conn, ds, ident, series_id, path, size, transfer_syntax, now) -> bool:  # type: ignore[no-untyped-def]
+    def _insert_row(
+        self, conn: Connection, ds: Dataset, ident: InstanceIdentity, series_id: int, path: Path, size: int,
+        transfer_syntax: str, now: datetime,
+    ) -> bool:
         """INSERT ... ON CONFLICT DO NOTHING of the instance row."""
-        result = conn.execute(
-            self._insert,
-            {
-                "series_id": series_id,
-                "sop_instance_uid": ident.sop_instance_uid,
-                "sop_class_uid": ident.sop_class_uid,
-                "transfer_syntax_uid": transfer_syntax,
-                "instance_number": int_attribute(ds, "InstanceNumber"),
-                "number_of_frames": int_attribute(ds, "NumberOfFrames") or 1,
-                "path": str(path),
-                "size_bytes": size,
-                "received_at": now,
-            },
-        )
+        result = conn.execute(self._insert, instance_row(ds, ident, series_id, path, size, transfer_syntax, now))
         return result.first() is not None
 
 
-#: :meth:`InstanceIndex._insert` as driver SQL (``?`` is replaced by the driver's placeholder).
-_INSERT_SQL = (
-    "INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, instance_number, "
-    "number_of_frames, path, size_bytes, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id"
-)
-#: :func:`_touch_study` as driver SQL: every CASE sees the row as it was before this UPDATE.
-_RECEIVING = StudyState.RECEIVING.value
-_TOUCH_SQL = (
-    f"UPDATE studies SET last_received_at = ?, updated_at = ?, state = '{_RECEIVING}', "
-    f"state_changed_at = CASE WHEN state <> '{_RECEIVING}' THEN ? ELSE state_changed_at END, "
-    f"error = CASE WHEN state <> '{_RECEIVING}' THEN NULL ELSE error END WHERE id = ?"
-)
+#: :func:`~preread.ingest.assembly.catalog.insert_instance` as driver SQL (``?`` becomes the driver's placeholder).
+_INSERT_SQL, _INSERT_PARAMS = _qmark_sql(insert_instance("sqlite"), INSTANCE_COLUMNS)
+#: :data:`_TOUCH` as driver SQL: every CASE sees the row as it was before this UPDATE.
+_TOUCH_SQL, _TOUCH_PARAMS = _qmark_sql(_TOUCH)
 
 #: Postgres: the insert and, for a new row, the touch as one statement; returns (rows inserted, studies touched).
 _RECORD_SQL = (

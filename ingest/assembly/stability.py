@@ -6,13 +6,20 @@ run it at once: each pass is one transaction that flips quiet RECEIVING
 studies to STABLE with a conditional UPDATE (Postgres: rows locked with
 ``FOR UPDATE SKIP LOCKED``) and writes one ``Outbox(topic="render")`` row per
 flipped study in the same transaction. An instance that arrives later
-re-opens the study (``ingest.catalog.upsert_study``).
+re-opens the study (:func:`~preread.ingest.assembly.catalog.receive_study`).
+
+The monitor then publishes the rows it committed (``publish``, the outbox
+dispatcher), as the tasks do for their hand-offs, so a listener and workers
+draft every study without a coordinator; the coordinator's dispatcher and
+reconciler remain the backstop for a broker that was away.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import insert, select, update
@@ -27,6 +34,8 @@ LOGGER = logging.getLogger("preread.ingest.stability")
 RENDER_TOPIC = "render"
 #: Most studies flipped in one transaction (the next pass takes the rest).
 BATCH = 500
+#: Seconds between publishing passes when no study was flipped (rows a broker outage left behind).
+REPUBLISH_EVERY_S = 10.0
 
 
 def mark_stable(session: Session, stable_after: float, now: datetime | None = None) -> list[int]:
@@ -84,12 +93,18 @@ def default_interval(stable_after: float) -> float:
 
 
 class StabilityMonitor:
-    """A daemon thread running :func:`run_once` every ``interval`` seconds until :meth:`stop`."""
+    """A daemon thread running :func:`run_once` every ``interval`` seconds until :meth:`stop`.
 
-    def __init__(self, url: str, stable_after: float, interval: float | None = None) -> None:
+    ``publish`` (the outbox dispatcher) runs after every pass that flipped a
+    study, and every ``REPUBLISH_EVERY_S`` for rows a broker outage left unsent.
+    """
+
+    def __init__(self, url: str, stable_after: float, interval: float | None = None,
+                 publish: Callable[[], object] | None = None) -> None:
         self.url = url
         self.stable_after = stable_after
         self.interval = interval if interval is not None else default_interval(stable_after)
+        self.publish = publish
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -109,9 +124,20 @@ class StabilityMonitor:
             self._thread = None
 
     def _run(self) -> None:
+        last_publish = 0.0
         while not self._stop.is_set():
             try:
-                run_once(self.url, self.stable_after)
+                flipped = run_once(self.url, self.stable_after)
+                if self.publish is not None and (flipped or time.monotonic() - last_publish > REPUBLISH_EVERY_S):
+                    last_publish = time.monotonic()
+                    self._publish()
             except Exception as exc:  # a database hiccup must not end the monitor
                 LOGGER.warning("stability pass failed: %s: %s", type(exc).__name__, str(exc)[:200])
             self._stop.wait(self.interval)
+
+    def _publish(self) -> None:
+        assert self.publish is not None
+        try:
+            self.publish()
+        except Exception as exc:  # broker away: the rows stay unsent for the next pass or the coordinator
+            LOGGER.warning("outbox not published (%s); will try again", type(exc).__name__)

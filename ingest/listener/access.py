@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pynetdicom import evt
@@ -43,10 +44,10 @@ class AllowedPeer:
             return False
 
 
-def parse_allowlist(value: str | None) -> list[AllowedPeer]:
-    """Parse ``"AE1,AE2@10.0.0.5,AE3@10.1.0.0/16"``; an empty value allows everyone."""
+def parse_allowlist(value: str | Sequence[str] | None) -> list[AllowedPeer]:
+    """Parse ``"AE1,AE2@10.0.0.5,AE3@10.1.0.0/16"`` (or those entries as a list); empty allows everyone."""
     peers: list[AllowedPeer] = []
-    for raw in (value or "").split(","):
+    for raw in (value or "").split(",") if isinstance(value, str) or value is None else value:
         item = raw.strip()
         if not item:
             continue

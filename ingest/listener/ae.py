@@ -29,15 +29,15 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
@@ -60,8 +60,9 @@ from pynetdicom import (
     AllStoragePresentationContexts,
     evt,
 )
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time: no static name
 from pynetdicom.transport import ThreadedAssociationServer
 
 from preread.ingest.listener import access
@@ -210,7 +211,8 @@ def header_dataset(encoded: bytes | Callable[[], bytes], found: dict[int, RawDat
     """
     if transfer_syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
         return dcmread(BytesIO(encoded() if callable(encoded) else encoded), stop_before_pixels=True)
-    return Dataset(found)
+    # int keys: equal to, and hashed as, the BaseTags pydicom declares
+    return Dataset(cast("MutableMapping[BaseTag, DataElement | RawDataElement]", found))
 
 
 #: :data:`HEADER_TAGS` as plain ints: a set lookup without ``BaseTag.__eq__`` in Python.
@@ -329,7 +331,7 @@ def handle_store(event: Event, ctx: IngestContext) -> int:
     """``evt.EVT_C_STORE``: keep the instance durably, then answer; refuse what cannot be kept."""
     started = time.perf_counter()
     calling_ae = (event.assoc.requestor.ae_title or "").strip()
-    request = event.request
+    request = cast(C_STORE, event.request)  # the EVT_C_STORE handler
     transfer_syntax = str(event.context.transfer_syntax)
     sop_class = str(request.AffectedSOPClassUID or "")
     spool = dimse.take_spool(event.assoc, request.MessageID)
@@ -342,7 +344,7 @@ def handle_store(event: Event, ctx: IngestContext) -> int:
             with spool.data_set() as view:
                 return _store(event, ctx, view, started, calling_ae, transfer_syntax, sop_class, spool)
         # the received bytes, not copied: a view of pynetdicom's buffer, released before we answer
-        with request.DataSet.getbuffer() as view:  # type: ignore[union-attr]
+        with cast(BytesIO, request.DataSet).getbuffer() as view:  # a C-STORE request always has its data set
             return _store(event, ctx, view, started, calling_ae, transfer_syntax, sop_class)
     finally:
         if spool is not None:
@@ -371,7 +373,7 @@ def open_spool(ctx: IngestContext) -> dimse.SpoolOpener:
 def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, calling_ae: str, transfer_syntax: str,
            sop_class: str, spool: storage.Spool | None = None) -> int:
     """:func:`handle_store` on ``view``, the data set as received (and perhaps already in ``spool``)."""
-    request = event.request
+    request = cast(C_STORE, event.request)  # the EVT_C_STORE handler
     size = view.nbytes
     if not storage.has_free_space(ctx.storage_dir, ctx.min_free_bytes, size):
         LOGGER.error(
@@ -481,15 +483,19 @@ class ReusePortServer(ThreadedAssociationServer):
 
     reuse_port = False
     listen_socket: socket.socket | None = None
+    #: read by :class:`~preread.ingest.listener.transport.ListenerRequestHandler`
+    spool_opener: dimse.SpoolOpener | None = None
+    connections: ConnectionCount | None = None
 
     def server_bind(self) -> None:
         if self.listen_socket is not None:
-            self.socket.close()
+            if self.socket is not None:
+                self.socket.close()
             self.socket = self.listen_socket
             self.server_address = self.socket.getsockname()
             return
         if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
     def server_activate(self) -> None:
@@ -500,7 +506,7 @@ class ReusePortServer(ThreadedAssociationServer):
         connections: ConnectionCount | None = getattr(self, "connections", None)
         if self.listen_socket is not None and connections is not None and connections.value:
             time.sleep(min(connections.value, 8) * ACCEPT_DEFER)
-        client, address = self.socket.accept()  # shared and non-blocking: BlockingIOError if a sibling won
+        client, address = cast(socket.socket, self.socket).accept()  # shared and non-blocking: BlockingIOError if a sibling won
         if connections is not None:
             connections.opened()
         if self.ssl_context:
@@ -523,7 +529,8 @@ def build_ae(ae_title: str) -> AE:
     ae.maximum_pdu_size = MAX_PDU_SIZE
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     return ae
 
 
@@ -574,7 +581,9 @@ class Listener:
             sync_writes=settings.sync_writes,
         )
         self.ae = build_ae(settings.ae_title)
-        self.monitor = StabilityMonitor(url, settings.stable_after) if monitor else None
+        from preread.worker.pipeline.outbox import OutboxPublisher  # publishes what the monitor commits
+
+        self.monitor = StabilityMonitor(url, settings.stable_after, publish=OutboxPublisher(settings)) if monitor else None
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -583,7 +592,7 @@ class Listener:
         """The bound (host, port); useful with port 0."""
         if self.server is None:
             raise RuntimeError("listener not started")
-        return self.server.server_address[:2]  # type: ignore[return-value]
+        return self.server.server_address[:2]
 
     def start(self) -> None:
         """Bind the port, serve associations in a background thread, start the monitor."""
@@ -594,15 +603,16 @@ class Listener:
         if self.listen_socket is not None:
             server_class = type("SharedSocketServer", (ReusePortServer,), {"listen_socket": self.listen_socket})
         dimse.quiet_pynetdicom()
-        self.server = self.ae.make_server(
+        server = cast(ReusePortServer, self.ae.make_server(  # an instance of server_class
             (self.settings.host, self.settings.port),
             ssl_context=self.ssl_context,
             evt_handlers=event_handlers(self.ctx, self.settings),
             server_class=server_class,
             request_handler=dimse.ListenerRequestHandler,
-        )
-        self.server.spool_opener = open_spool(self.ctx)  # type: ignore[attr-defined]
-        self.server.connections = self.ctx.connections  # type: ignore[attr-defined]
+        ))
+        server.spool_opener = open_spool(self.ctx)
+        server.connections = self.ctx.connections
+        self.server = server
         self.ae._servers.append(self.server)  # so AE.shutdown() and server.shutdown() know it
         self._thread = threading.Thread(target=self.server.serve_forever, name="preread-listener", daemon=True)
         self._thread.start()

@@ -42,6 +42,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from preread.ingest.storage.files import Spool
+from preread.ingest.storage.part10 import ui_bytes
 
 #: Opens a spool for (SOP Class UID, SOP Instance UID, transfer syntax UID), or declines with ``None``.
 SpoolOpener = Callable[[str, str, str], "Spool | None"]
@@ -86,11 +87,6 @@ def _element(tag: int, value: bytes) -> bytes:
     return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
 
 
-def _uid(value: object) -> bytes:
-    raw = str(value).encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def encode_c_store_rsp(primitive: C_STORE) -> bytes | None:
     """The command set of a plain C-STORE-RSP, or ``None`` when pynetdicom must encode it.
 
@@ -107,13 +103,13 @@ def encode_c_store_rsp(primitive: C_STORE) -> bytes | None:
     try:
         parts = []
         if primitive.AffectedSOPClassUID is not None:
-            parts.append(_element(0x00000002, _uid(primitive.AffectedSOPClassUID)))
+            parts.append(_element(0x00000002, ui_bytes(str(primitive.AffectedSOPClassUID))))
         parts.append(_element(0x00000100, struct.pack("<H", C_STORE_RSP_FIELD)))
         parts.append(_element(0x00000120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)))
         parts.append(_element(0x00000800, struct.pack("<H", NO_DATA_SET)))
         parts.append(_element(0x00000900, struct.pack("<H", primitive.Status)))
         if primitive.AffectedSOPInstanceUID is not None:
-            parts.append(_element(0x00001000, _uid(primitive.AffectedSOPInstanceUID)))
+            parts.append(_element(0x00001000, ui_bytes(str(primitive.AffectedSOPInstanceUID))))
     except (UnicodeEncodeError, struct.error):
         return None
     body = b"".join(parts)
@@ -166,11 +162,15 @@ class ListenerDIMSE(DIMSEServiceProvider):
 
     def _open(self, message: DIMSEMessage, context_id: int) -> Spool | None:
         """A spool for a C-STORE-RQ whose data set starts now, or ``None``."""
-        if not isinstance(message, C_STORE_RQ) or message.data_set.tell():  # type: ignore[union-attr]
+        if self.opener is None or not isinstance(message, C_STORE_RQ) or message.data_set is None or message.data_set.tell():
             return None
         command = message.command_set
         if self._syntaxes is None:
-            self._syntaxes = {cx.context_id: str(cx.transfer_syntax[0]) for cx in self.assoc.accepted_contexts}
+            self._syntaxes = {
+                cx.context_id: str(cx.transfer_syntax[0])
+                for cx in self.assoc.accepted_contexts
+                if cx.context_id is not None
+            }
         syntax = self._syntaxes.get(context_id)
         try:
             sop_class = str(command.AffectedSOPClassUID or "")
@@ -179,7 +179,7 @@ class ListenerDIMSE(DIMSEServiceProvider):
             return None
         if syntax is None or not sop_class or not sop_instance:
             return None
-        return self.opener(sop_class, sop_instance, syntax)  # type: ignore[misc]
+        return self.opener(sop_class, sop_instance, syntax)
 
     def _finish(self) -> None:
         message, spool = self._message, self._spool

@@ -1,4 +1,4 @@
-"""Files in and out: expanding input paths, writing PNGs and JSON atomically.
+"""Files in and out: expanding input paths, writing PNGs and JSON atomically (with the storage's writer).
 
 PNGs are written by a small encoder of our own: the "Up" filter in numpy and
 deflate by ISA-L (``isal``, level 1: ~0.25 ms for a 512² frame against ~3.5 ms
@@ -11,21 +11,22 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+_deflate: ModuleType
 try:
-    from isal import isal_zlib as _deflate
+    from isal import isal_zlib
 
-    _LEVEL = 1
+    _deflate = isal_zlib
 except ImportError:  # pragma: no cover - isal is a declared dependency
-    _deflate = zlib  # type: ignore[assignment]
-    _LEVEL = 1
+    _deflate = zlib
+_LEVEL = 1
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -60,23 +61,21 @@ def write_png(path: Path, pixels: np.ndarray, *, atomic: bool = True) -> None:
     ``atomic`` (temp file + rename) is for PNGs that readers may open while
     they are written (a study's images); a batch export skips the rename.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not atomic:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode_png(pixels))
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(encode_png(pixels))
-    os.replace(tmp, path)
+    from preread.ingest.storage.files import write_atomic  # here: `preread render` needs no storage stack
+
+    # not fsynced: a PNG lost to a power cut is rendered again from the stored instances
+    write_atomic(path, [encode_png(pixels)], sync=False)
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write ``payload`` as indented JSON, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """Write ``payload`` as indented JSON, atomically (not fsynced, as :func:`write_png`)."""
+    from preread.ingest.storage.files import write_atomic
+
+    write_atomic(path, [json.dumps(payload, indent=2).encode() + b"\n"], sync=False)
 
 
 def expand_inputs(paths: Iterable[Path]) -> Iterator[tuple[Path, Path]]:

@@ -14,11 +14,10 @@ gather per pixel.
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -27,6 +26,7 @@ import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, iter_pixels, pixel_array
 
+from preread.ingest.assembly.reading import read_file
 from preread.ingest.render.errors import UnreadableInstance
 from preread.ingest.render.windows import VOIFunction, VOIWindow, WindowMode, WindowSpec, percentile_window
 
@@ -123,9 +123,7 @@ def read_instance(path: Path | str) -> Dataset:
     Raises :class:`UnreadableInstance` with a PHI-free reason.
     """
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(os.fspath(path), force=True)
+        ds, cut_short = read_file(path, force=True)
     except FileNotFoundError:
         raise UnreadableInstance("file not found") from None
     except IsADirectoryError:
@@ -136,8 +134,7 @@ def read_instance(path: Path | str) -> Dataset:
         raise UnreadableInstance(f"not a readable DICOM file ({type(exc).__name__}: {_short(exc)})") from None
     if not any(k in ds for k in _IDENTIFYING_KEYWORDS) and not _has_dicm_prefix(path):
         raise UnreadableInstance(NOT_DICOM)  # read "by force", a text file is an empty data set
-    ended_early = any("End of file reached" in str(w.message) for w in caught)
-    if ended_early and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    if cut_short:
         raise UnreadableInstance("truncated file: it ends inside the pixel data")
     _guess_transfer_syntax(ds)
     return ds
@@ -216,12 +213,13 @@ def frame_transforms(ds: Dataset, frame: int = 0) -> FrameTransforms:
     return FrameTransforms(view=view, windows=_windows_of(view), has_voi_lut=bool(view.get("VOILUTSequence")))
 
 
-def _as_list(value: object) -> list[float]:
+def _as_list(value: Any) -> list[float]:
+    """A DICOM number or multi-value (pydicom's values are untyped) as floats."""
     if value is None or value == "":
         return []
-    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, (str, bytes))):
-        return [float(v) for v in value]  # type: ignore[union-attr]
-    return [float(value)]  # type: ignore[arg-type]
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        return [float(v) for v in value]
+    return [float(value)]
 
 
 def _windows_of(view: Dataset) -> tuple[VOIWindow, ...]:

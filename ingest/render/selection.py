@@ -13,17 +13,16 @@
 from __future__ import annotations
 
 import math
-import os
 import re
-import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from preread.ingest.assembly.catalog import int_attribute
+from preread.ingest.assembly.reading import has_pixel_data, read_file
 from preread.ingest.render.errors import UnreadableInstance
 
 VOLUME_MODALITIES = frozenset({"CT", "MR"})
@@ -162,11 +161,19 @@ def _str(ds: Dataset, keyword: str) -> str:
 
 
 def _floats(value: object, n: int) -> tuple[float, ...] | None:
+    if not isinstance(value, Iterable):
+        return None
     try:
-        out = tuple(float(v) for v in value)  # type: ignore[union-attr]
+        out = tuple(float(v) for v in value)
     except Exception:
         return None
     return out if len(out) == n and all(math.isfinite(v) for v in out) else None
+
+
+def _point(value: object) -> tuple[float, float, float] | None:
+    """An x, y, z position, or None when ``value`` is not three finite numbers."""
+    out = _floats(value, 3)
+    return None if out is None else (out[0], out[1], out[2])
 
 
 def _group_value(ds: Dataset, frame: int, sequence: str, keyword: str) -> object:
@@ -190,15 +197,17 @@ def header_of(ds: Dataset, path: Path) -> InstanceHeader:
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         orientation = orientation or _floats(_group_value(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
         positions = [
-            _floats(_group_value(ds, f, "PlanePositionSequence", "ImagePositionPatient"), 3) for f in range(frames)  # type: ignore[misc]
+            _point(_group_value(ds, f, "PlanePositionSequence", "ImagePositionPatient")) for f in range(frames)
         ]
         if not image_type:
             ft = _group_value(ds, 0, "CTImageFrameTypeSequence", "FrameType") or _group_value(ds, 0, "MRImageFrameTypeSequence", "FrameType")
-            image_type = tuple(str(v) for v in ft) if ft else ()
+            if isinstance(ft, str):
+                image_type = (ft,)
+            elif isinstance(ft, Iterable):
+                image_type = tuple(str(v) for v in ft)
     else:
-        ipp = _floats(ds.get("ImagePositionPatient"), 3)
-        positions = [ipp] + [None] * (frames - 1) if frames > 1 else [ipp]  # type: ignore[list-item]
-    has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+        positions = [_point(ds.get("ImagePositionPatient"))] + [None] * (frames - 1)
+    has_pixels = has_pixel_data(ds)
     return InstanceHeader(
         path=Path(path),
         sop_instance_uid=_str(ds, "SOPInstanceUID"),
@@ -214,23 +223,21 @@ def header_of(ds: Dataset, path: Path) -> InstanceHeader:
         number_of_frames=frames,
         has_pixels=has_pixels,
         orientation=orientation,
-        positions=tuple(positions),  # type: ignore[arg-type]
+        positions=tuple(positions),
     )
 
 
 def read_header(path: Path | str) -> InstanceHeader:
     """Read the header of ``path`` (large values such as Pixel Data are deferred, not loaded)."""
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(os.fspath(path), force=True, defer_size="64 KB")
+        ds, cut_short = read_file(path, force=True, defer_size="64 KB")
     except FileNotFoundError:
         raise UnreadableInstance("file not found") from None
     except IsADirectoryError:
         raise UnreadableInstance("is a directory") from None
     except Exception as exc:
         raise UnreadableInstance(f"not a readable DICOM file ({type(exc).__name__})") from None
-    if "PixelData" not in ds and any("End of file reached" in str(w.message) for w in caught):
+    if cut_short:
         raise UnreadableInstance("truncated file: it ends inside the pixel data")
     if "SOPInstanceUID" not in ds and "PixelData" not in ds:
         raise UnreadableInstance("not a DICOM file (no SOP Instance UID, no pixel data)")

@@ -27,7 +27,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -218,12 +218,12 @@ def write_atomic(
     """
     ensure_dir(path.parent, sync=sync)
     fd = pool.take() if pool is not None and not overwrite else None
-    if fd is not None:
+    if pool is not None and fd is not None:
         try:
             size = _write_all(fd, chunks)
             if sync:
                 os.fsync(fd)
-            pool.link(fd, path)  # type: ignore[union-attr]  # fails if the path exists: first copy wins
+            pool.link(fd, path)  # fails if the path exists: first copy wins
         finally:
             os.close(fd)  # an unlinked file goes with its descriptor
         if sync:
@@ -254,7 +254,7 @@ def write_atomic(
     return size
 
 
-def _load_sync_file_range():  # type: ignore[no-untyped-def]
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """libc's ``sync_file_range`` (Linux), or ``None``."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -320,7 +320,7 @@ class Spool:
     def open(cls, pool: FilePool | None, *, sync: bool = True) -> Spool | None:
         """A spool on a ready pooled file, or ``None`` when none is ready."""
         fd = pool.take() if pool is not None else None
-        return cls(fd, pool, sync) if fd is not None else None  # type: ignore[arg-type]
+        return cls(fd, pool, sync) if pool is not None and fd is not None else None
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``; an ``OSError`` marks the spool broken (and is not raised)."""

@@ -25,7 +25,8 @@ def _short_element(elem: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
 
 
-def _ui(value: str) -> bytes:
+def ui_bytes(value: str) -> bytes:
+    """A UI value as encoded: ASCII, padded with one NUL to an even length (PS3.5 6.2)."""
     raw = value.encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
 
@@ -34,7 +35,7 @@ def _implementation_elements() -> bytes:
     version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
     if len(version) % 2:
         version += b" "
-    return _short_element(0x0012, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)) + _short_element(0x0013, b"SH", version)
+    return _short_element(0x0012, b"UI", ui_bytes(PYNETDICOM_IMPLEMENTATION_UID)) + _short_element(0x0013, b"SH", version)
 
 
 _IMPLEMENTATION = _implementation_elements()
@@ -49,9 +50,9 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> 
     try:
         body = b"".join((
             _META_VERSION,
-            _short_element(0x0002, b"UI", _ui(sop_class)),
-            _short_element(0x0003, b"UI", _ui(sop_instance)),
-            _short_element(0x0010, b"UI", _ui(transfer_syntax)),
+            _short_element(0x0002, b"UI", ui_bytes(sop_class)),
+            _short_element(0x0003, b"UI", ui_bytes(sop_instance)),
+            _short_element(0x0010, b"UI", ui_bytes(transfer_syntax)),
             _IMPLEMENTATION,
         ))
     except (UnicodeEncodeError, struct.error):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import create_engine, func, inspect, select
 
+from preread.schemas.findings import DraftReport
 from preread.schemas.tables import Image, Instance, Report, Series, Study, StudyState
 from tests.conftest import testdata
 from tests.support.procs import base_env, preread_argv
@@ -53,10 +54,12 @@ def test_draft_real_ct_and_mr_twice(db_url: str, study_folder: Path, tiny_model_
     assert "truncated.dcm" in first.stderr and "notes.txt" in first.stderr, "bad files are named"
     for draft in drafts:
         assert draft["raw_output"], "the raw model output is always kept"
-        assert draft["parse_status"] in {"ok", "invalid", "empty"}
+        # schema-constrained decoding: even random weights give a draft that validates
+        assert draft["parse_status"] == "ok"
+        assert DraftReport.model_validate(draft["structured"]).impression
         for image in draft["images"]:
             with PILImage.open(image["path"]) as png:
-                assert png.mode in {"L", "RGB"}, "8-bit greyscale or colour"
+                assert png.mode == "L", "CT and MR: 8-bit greyscale"
                 assert png.size == (image["width"], image["height"])
     assert counts(db_url) == {"studies": 2, "series": 2, "instances": 2, "reports": 2, "current": 2}
     for phi in ("CompressedSamples", "1CT1", "4MR1"):  # the files' patient name and IDs

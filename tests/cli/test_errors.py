@@ -99,7 +99,7 @@ def test_unwritable_data_dir(tmp_path: Path) -> None:
 
 def test_bad_setting_value_names_the_variable(tmp_path: Path) -> None:
     result = preread("status", data_dir=tmp_path / "data", port="eleven")
-    assert_operator_error(result, "PREREAD_PORT='eleven'")
+    assert_operator_error(result, "PREREAD_PORT", "integer")
 
 
 def test_unknown_device(tmp_path: Path) -> None:

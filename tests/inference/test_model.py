@@ -83,7 +83,10 @@ def test_engine_from_settings(tiny_model_dir: Path, two_pngs: list[Path]) -> Non
     assert get_engine(settings) is engine
     assert engine.loaded is get_model(str(tiny_model_dir), device="cpu", **PIXELS)  # one model per process
     assert engine.mode == "json" and engine.think is False
-    probes = engine.probe(two_pngs, StudyContext("CR", "CHEST", None, None, None))
+    chest = StudyContext("CR", "CHEST", None, None, None)
+    probes = engine.probe(two_pngs, chest)
+    # one score per question of the chest profile in the packaged prompts, in their order
+    assert [(p.condition, p.question) for p in probes] == engine.prompts.probe_questions(chest)
     assert len(probes) >= 8 and all(0.0 <= p.score <= 1.0 for p in probes)
 
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, func, select, text
 
+from preread.schemas.findings import Urgency
 from preread.schemas.tables import Finding, Report, Study, StudyState
 from tests.conftest import testdata
+from tests.support.studies import all_in, make_studies, states
 from tests.support.procs import (
     PostgresServer,
     Proc,
@@ -37,22 +38,6 @@ from tests.support.procs import (
 pytestmark = pytest.mark.slow
 
 
-def make_studies(folder: Path, count: int, source: str = "CT_small.dcm") -> list[Path]:
-    """``count`` one-image studies cloned from a real CT, each with its own UIDs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    original = pydicom.dcmread(testdata(source))
-    files = []
-    for i in range(count):
-        ds = original.copy()
-        ds.StudyInstanceUID = generate_uid()
-        ds.SeriesInstanceUID = generate_uid()
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = 1
-        path = folder / f"study{i:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
 
 
 def _patient_identifiers(files: list[Path]) -> set[str]:
@@ -68,20 +53,8 @@ def _patient_identifiers(files: list[Path]) -> set[str]:
     return values
 
 
-def states(url: str) -> dict[str, int]:
-    """Studies per state in the database at ``url``."""
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return dict(conn.execute(select(Study.state, func.count()).group_by(Study.state)).all())
-    finally:
-        engine.dispose()
 
 
-def all_in(url: str, state: StudyState, count: int) -> bool:
-    """True when exactly ``count`` studies exist and all are in ``state``."""
-    now = states(url)
-    return now.get(str(state), 0) == count and sum(now.values()) == count
 
 
 def reports_per_study(url: str) -> list[tuple[int, int, int]]:
@@ -181,7 +154,10 @@ def test_storescu_study_is_drafted_through_separate_workers(
         findings = conn.execute(select(func.count(Finding.id))).scalar_one()
         parsed = conn.execute(select(func.count()).select_from(Report).where(Report.parse_status == "ok")).scalar_one()
         probes = conn.execute(text("select count(*) from probe_scores where current")).scalar_one()
-        urgencies = conn.execute(select(Study.urgency)).scalars().all()
+        urgencies = conn.execute(text(
+            "select s.urgency, r.urgency, (select max(p.score) from probe_scores p where p.study_id = s.id and p.current) "
+            "from studies s join reports r on r.study_id = s.id and r.current"
+        )).all()
     engine.dispose()
     logs = "\n".join(p.output() for p in pipe.procs.values())
     assert "preread.render_study" in logs and "preread.infer_study" in logs, "the workers' logs were read"
@@ -189,16 +165,21 @@ def test_storescu_study_is_drafted_through_separate_workers(
         assert phi not in logs, "no patient name or ID in any process's log"
     assert findings >= 2 and parsed == 2, "each constrained draft parsed with at least one finding"
     assert probes > 0
-    assert all(u in {"routine", "priority", "stat"} for u in urgencies)
+    assert len(urgencies) == 2
+    for study_urgency, report_urgency, top_score in urgencies:
+        # the default thresholds: priority from 0.5, stat from 0.85; the draft's own urgency may raise it
+        from_probes = Urgency.STAT if top_score >= 0.85 else Urgency.PRIORITY if top_score >= 0.5 else Urgency.ROUTINE
+        assert study_urgency == max(from_probes, Urgency(report_urgency), key=lambda u: u.rank)
     assert all(n == 1 and cur == 1 for _, n, cur in reports_per_study(pg_url))
 
 
 def test_sigkill_of_infer_worker_mid_task_drafts_every_study_once(
-    tmp_path: Path, pg_url: str, redis_server: RedisServer, tiny_model_dir: Path
+    tmp_path: Path, pg_url: str, broker: str, tiny_model_dir: Path
 ) -> None:
+    """On Redis the task comes back after the visibility timeout (or the reconciler); on RabbitMQ at once."""
     files = make_studies(tmp_path / "in", 6)
     with processes() as started:
-        pipe = Pipeline(tmp_path, pg_url, redis_server.url, tiny_model_dir, started,
+        pipe = Pipeline(tmp_path, pg_url, broker, tiny_model_dir, started,
                         visibility_timeout=8, reconcile_after=15)
         pipe.listener()
         pipe.coordinator()

@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import urllib.request
-from pathlib import Path
 from typing import Any
 
+from preread.ingest.storage.files import write_atomic
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Study, StudyState
@@ -52,16 +51,6 @@ def sign(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def post_webhook(url: str, payload: dict[str, Any], secret: str | None, timeout: float = 10.0) -> None:
     """POST ``payload`` as JSON; raises ``ConnectionError`` on failure so the task retries."""
     body = json.dumps(payload, sort_keys=True).encode()
@@ -77,10 +66,27 @@ def post_webhook(url: str, payload: dict[str, Any], secret: str | None, timeout:
         raise ConnectionError(f"webhook unreachable: {type(exc).__name__}") from exc
 
 
-def export_step(settings: Settings, study_id: int) -> StepOutcome:
-    """Export the current report of a DRAFTED study; the study becomes EXPORTED."""
+#: Destinations an export can go to, by the name ``preread export --destination`` takes.
+DESTINATIONS = ("fhir", "webhook")
+#: States whose draft may be sent: DRAFTED by the pipeline, and EXPORTED again by ``preread export``.
+RESENDABLE = (StudyState.DRAFTED, StudyState.EXPORTED)
+
+
+def enabled_destinations(settings: Settings) -> list[str]:
+    """The destinations the settings switch on."""
+    return [name for name, on in (("fhir", settings.export_fhir), ("webhook", bool(settings.webhook_url))) if on]
+
+
+def export_step(settings: Settings, study_id: int, *, destinations: list[str] | None = None, resend: bool = False) -> StepOutcome:
+    """Export the current report of a DRAFTED study (or an EXPORTED one with ``resend``); it becomes EXPORTED.
+
+    Sending is idempotent: the same draft gives the same FHIR file and the same
+    webhook body, which receivers match on the Study Instance UID.
+    """
+    allowed = RESENDABLE if resend else EXPORTABLE
+    chosen = enabled_destinations(settings) if destinations is None else destinations
     with session_scope(settings.effective_database_url) as session:
-        study = study_in_state(session, study_id, EXPORTABLE)
+        study = study_in_state(session, study_id, allowed)
         report = current_report(session, study_id)
         if report is None:
             raise BadInput("drafted study has no current report")
@@ -93,11 +99,25 @@ def export_step(settings: Settings, study_id: int) -> StepOutcome:
             "report": {"draft": report.draft_text, "structured": report.structured, "parse_status": report.parse_status},
         }
         uid = study.study_instance_uid
-    if settings.export_fhir:
-        _write_atomic(settings.exports_dir / f"{uid}.json", json.dumps(resource, indent=2).encode())
-    if settings.webhook_url:
+    if "fhir" in chosen:
+        write_atomic(settings.exports_dir / f"{uid}.json", [json.dumps(resource, indent=2).encode()])
+    if "webhook" in chosen:
+        if not settings.webhook_url:
+            raise BadInput("the webhook destination needs PREREAD_WEBHOOK_URL")
         post_webhook(settings.webhook_url, payload, settings.webhook_secret)
     with session_scope(settings.effective_database_url) as session:
-        if not set_state(session, study_id, StudyState.EXPORTED, expect=EXPORTABLE):
+        moved = set_state(session, study_id, StudyState.EXPORTED, expect=allowed)
+        if not moved:
             raise Superseded(f"study {study_id} changed state while exporting")
     return StepOutcome(study_id, StudyState.EXPORTED)
+
+
+def record_export_failure(settings: Settings, study_id: int, reason: str) -> None:
+    """Record why an export failed beside the draft; the study keeps its state (a draft is never FAILED by export)."""
+    from sqlalchemy import update
+
+    with session_scope(settings.effective_database_url) as session:
+        session.execute(
+            update(Study).where(Study.id == study_id, Study.state.in_([str(s) for s in RESENDABLE]))
+            .values(error=f"export: {reason}"[:2000])
+        )

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from preread.schemas.findings import DraftReport, Urgency
+from preread.schemas.settings import Settings
 from preread.schemas.tables import ParseStatus
 from preread.worker.inference.batcher import DynamicBatcher
 from preread.worker.inference.grammar import CompiledDraftGrammar, compile_draft_grammar, logits_processor
@@ -211,20 +212,18 @@ class Engine:
 
     # --- construction -------------------------------------------------------------------
     @classmethod
-    def from_settings(cls, settings: Any) -> Engine:
+    def from_settings(cls, settings: Settings) -> Engine:
         """An engine on the process-wide model named by ``settings``."""
-        think_setting = getattr(settings, "think", "auto")
-        think = None if think_setting == "auto" else str(think_setting).lower() in ("1", "true", "on", "yes")
         return cls(
             get_model_for_settings(settings),
             mode=settings.draft_mode,
-            think=think,
-            prompts=load_prompts(getattr(settings, "prompts_path", None)),
+            think=None if settings.think == "auto" else settings.think,
+            prompts=load_prompts(settings.prompts_path),
             max_new_tokens=settings.max_new_tokens,
             max_images=settings.max_images,
-            batch_size=getattr(settings, "batch_size", 8),
-            probe_batch_rows=getattr(settings, "probe_batch_rows", 32),
-            batch_wait_ms=getattr(settings, "batch_wait_ms", 5.0),
+            batch_size=settings.batch_size,
+            probe_batch_rows=settings.probe_batch_rows,
+            batch_wait_ms=settings.batch_wait_ms,
         )
 
     @property
@@ -461,7 +460,10 @@ class Engine:
         logits = self.model(
             **batch,
             image_grid_thw=torch.cat(grids).to(device),
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(rows_features))},
+            mm_encoder_outputs={
+                # Qwen2.5-VL takes the per-image features as a tuple here; transformers types the field as one Tensor
+                "image": BaseModelOutputWithPooling(pooler_output=tuple(rows_features))  # type: ignore[arg-type]
+            },
             logits_to_keep=1,
             use_cache=False,
         ).logits[:, -1, :].float()
@@ -483,7 +485,27 @@ _engines: dict[tuple[Any, ...], Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def get_engine(settings: Any) -> Engine:
+def readiness_problem(settings: Settings) -> str | None:
+    """Why this process cannot serve infer tasks, in one line naming model, device and fix; None when ready.
+
+    Loads the engine (the model, on the configured device) as the first task
+    would, so a worker that says ready has its model in memory.
+    """
+    from preread.worker.inference.model import device_problem, folder_problem
+
+    problem = device_problem(settings.model, settings.device) or folder_problem(settings.model, settings.device)
+    if problem:
+        return problem
+    try:
+        get_engine(settings)
+    except Exception as exc:  # the model cannot load: say so in one line, never a traceback per task
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        return (f"model {settings.model} could not be loaded on {settings.device}: {type(exc).__name__}: {detail}; "
+                "set PREREAD_MODEL=/path/to/folder (or PREREAD_DEVICE=cpu)")
+    return None
+
+
+def get_engine(settings: Settings) -> Engine:
     """The process-wide engine for these settings (model loaded once)."""
     key = (
         settings.model,
@@ -492,8 +514,8 @@ def get_engine(settings: Any) -> Engine:
         settings.min_pixels,
         settings.max_pixels,
         settings.draft_mode,
-        str(getattr(settings, "prompts_path", None)),
-        getattr(settings, "think", "auto"),
+        str(settings.prompts_path),
+        settings.think,
     )
     with _engines_lock:
         engine = _engines.get(key)

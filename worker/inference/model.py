@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from preread.schemas.settings import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -55,14 +57,16 @@ def _load_weights(model_id: str, revision: str | None, dev: torch.device) -> tup
     """The model weights, as the model card loads them."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    # a (model, loading info) pair with output_loading_info=True, which transformers' types do not say
+    loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         model_id,
-        revision=revision,
+        revision=revision or "main",
         dtype=dtype_for(dev),
         attn_implementation="sdpa",
         device_map=str(dev) if dev.type == "cuda" else None,
         output_loading_info=True,
     )
+    model, info = loaded
     return model.to(dev).eval(), dict(info)
 
 
@@ -154,8 +158,31 @@ def _cached_loaded(model_id: str, revision: str | None, device: str, min_pixels:
     return _assemble(model_id, revision, torch.device(device), weights, processor, min_pixels, max_pixels)
 
 
-def get_model_for_settings(settings: Any) -> LoadedModel:
+def get_model_for_settings(settings: Settings) -> LoadedModel:
     """The process-wide model named by ``Settings`` (model, revision, device, pixel budget)."""
     return get_model(
         settings.model, settings.model_revision, settings.device, settings.min_pixels, settings.max_pixels
     )
+
+
+def device_problem(model_id: str, device: str) -> str | None:
+    """Why ``device`` cannot run ``model_id`` here, in one line with the fix; None when it can."""
+    try:
+        dev = resolve_device(device)
+    except (RuntimeError, ValueError):
+        return f"model {model_id}: device {device!r} is not known; set PREREAD_DEVICE=auto, cpu, cuda or cuda:N"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"model {model_id}: device {device} has no CUDA GPU on this machine; set PREREAD_DEVICE=cpu (or auto)"
+    return None
+
+
+def folder_problem(model_id: str, device: str) -> str | None:
+    """Why a model named as a local folder cannot be loaded (the folder is missing), in one line; else None."""
+    from pathlib import Path
+
+    path = Path(model_id).expanduser()
+    looks_local = model_id.startswith(("/", ".", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "holds no model (no config.json)"
+        return f"model folder {model_id} {what} (device {device}); set PREREAD_MODEL=/path/to/folder"
+    return None

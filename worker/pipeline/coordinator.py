@@ -8,6 +8,8 @@ import threading
 from celery import Celery
 
 from preread.schemas.settings import Settings
+from preread.schemas.tables import ProcessRole, ProcessState
+from preread.worker.pipeline.heartbeat import HeartbeatWriter
 from preread.worker.pipeline.outbox import dispatch_once
 from preread.worker.pipeline.reconciler import reconcile_once
 
@@ -29,12 +31,16 @@ def coordinate_once(settings: Settings, app: Celery, pass_no: int = 0) -> int:
 
 
 def coordinate_forever(settings: Settings, app: Celery, stop: threading.Event) -> None:
-    """Run passes until ``stop`` is set; a failing pass is logged and retried, never fatal."""
+    """Run passes until ``stop`` is set, with a heartbeat; a failing pass is logged and retried, never fatal."""
+    beat = HeartbeatWriter(settings.effective_database_url, ProcessRole.COORDINATOR, state=ProcessState.READY).start()
     pass_no = 0
-    while not stop.is_set():
-        try:
-            coordinate_once(settings, app, pass_no)
-        except Exception as exc:  # database or broker briefly away: try again next pass
-            log.warning("coordinator pass failed: %s: %s", type(exc).__name__, exc)
-        pass_no += 1
-        stop.wait(settings.dispatch_interval)
+    try:
+        while not stop.is_set():
+            try:
+                coordinate_once(settings, app, pass_no)
+            except Exception as exc:  # database or broker briefly away: try again next pass
+                log.warning("coordinator pass failed: %s: %s", type(exc).__name__, exc)
+            pass_no += 1
+            stop.wait(settings.dispatch_interval)
+    finally:
+        beat.stop()

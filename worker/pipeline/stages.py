@@ -12,9 +12,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:  # the engine imports torch: only the step that needs it imports it
+    from preread.worker.inference.engine import Engine, StudyContext
 
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
@@ -71,7 +75,7 @@ def set_state(
         values["error"] = error
     if state != StudyState.FAILED:
         values["attempts"] = 0  # attempts count per stage
-    changed = session.execute(stmt.values(**values)).rowcount
+    changed = cast(CursorResult[Any], session.execute(stmt.values(**values))).rowcount
     if changed and handoff:
         session.add(Outbox(study_id=study_id, topic=handoff, priority=priority, payload={"study_id": study_id}))
     return bool(changed)
@@ -133,7 +137,7 @@ def render_step(settings: Settings, study_id: int, *, handoff: str | None = "inf
     return StepOutcome(study_id, StudyState.RENDERED, priority, f"{len(rendering.images)} images")
 
 
-def study_context(session: Session, study: Study):  # type: ignore[no-untyped-def]
+def study_context(session: Session, study: Study) -> StudyContext:
     """What the prompt may know of a study: never a name or an ID."""
     from preread.worker.inference.engine import StudyContext
 
@@ -147,7 +151,7 @@ def study_context(session: Session, study: Study):  # type: ignore[no-untyped-de
     )
 
 
-def infer_step(settings: Settings, study_id: int, engine, *, handoff: str | None = None) -> StepOutcome:  # type: ignore[no-untyped-def]
+def infer_step(settings: Settings, study_id: int, engine: Engine, *, handoff: str | None = None) -> StepOutcome:
     """Probe and draft the rendered study; the study becomes DRAFTED with one current report."""
     from preread.worker.inference.engine import urgency_from_probes
     from preread.worker.results.store import save_draft, save_probes

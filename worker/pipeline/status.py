@@ -11,7 +11,11 @@ from sqlalchemy import func, select
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Outbox, Study, StudyState
-from preread.worker.pipeline.queues import QUEUES
+from preread.worker.pipeline.heartbeat import Seen, ready_for, seen, warnings
+from preread.worker.pipeline.queues import INFER, QUEUES
+
+#: What RENDERED studies wait for while no infer worker has its model loaded.
+NO_READY_INFER = "no ready infer worker"
 
 
 @dataclass
@@ -31,6 +35,13 @@ class PipelineStatus:
     queues: dict[str, int | None] = field(default_factory=dict)
     outbox_pending: int = 0
     failures: list[Failure] = field(default_factory=list)
+    #: Drafts whose export failed: they stay DRAFTED, the export's reason beside them.
+    export_failures: list[Failure] = field(default_factory=list)
+    processes: list[Seen] = field(default_factory=list)
+    #: Plain-word lines on what is missing (no coordinator, no ready worker of a queue ...).
+    warnings: list[str] = field(default_factory=list)
+    #: Why studies in a state are not moving, e.g. {"RENDERED": "no ready infer worker"}.
+    waiting: dict[str, str] = field(default_factory=dict)
 
 
 def queue_depths(app: Celery) -> dict[str, int | None]:
@@ -65,6 +76,17 @@ def snapshot(settings: Settings, app: Celery | None = None, *, failures: int = 5
             .limit(failures)
         ).all()
         status.failures = [Failure(uid, err or "", at) for uid, err, at in rows]
+        rows = session.execute(
+            select(Study.study_instance_uid, Study.error, Study.updated_at)
+            .where(Study.state == StudyState.DRAFTED, Study.error.is_not(None))
+            .order_by(Study.updated_at.desc())
+            .limit(failures)
+        ).all()
+        status.export_failures = [Failure(uid, err or "", at) for uid, err, at in rows]
+    status.processes = seen(settings.effective_database_url)
+    status.warnings = warnings(status.processes, QUEUES, need_export=settings.export_enabled)
+    if status.states.get(str(StudyState.RENDERED)) and not ready_for(status.processes, INFER):
+        status.waiting[str(StudyState.RENDERED)] = NO_READY_INFER
     if app is not None:
         status.queues = queue_depths(app)
     return status

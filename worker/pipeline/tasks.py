@@ -2,27 +2,30 @@
 
 Following Celery's task guidance: tasks are idempotent (a step's result
 commits only if the study is still in the state the step expects), acknowledged
-late and rejected back to the queue if the worker dies, retried with
-exponential backoff and jitter for transient errors, and never retried for bad
-input (the study goes FAILED with its reason).
+late and rejected back to the queue if the worker dies, and retried by Celery
+itself (``autoretry_for`` with exponential backoff and jitter) for transient
+errors, never for bad input. Each stage counts its own attempts on the study
+(a retry is an attempt; a delivery that finds the study moved on is not) and
+stops at ``PREREAD_MAX_ATTEMPTS``: render and infer end FAILED with the stage
+and reason; export never turns a finished draft FAILED, it records its failure
+beside the DRAFTED study. Only the CUDA out-of-memory path retries by hand,
+with a smaller pixel budget.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from celery import Task
-from celery.signals import worker_process_init, worker_ready
-from sqlalchemy import update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Study, StudyState
-from preread.worker.pipeline.celery_app import EXPORT, INFER, app
+from preread.worker.pipeline.celery_app import EXPORT, INFER, RENDER, app
 from preread.worker.pipeline.stages import (
     EXPORTABLE,
     INFERABLE,
@@ -37,7 +40,7 @@ from preread.worker.pipeline.stages import (
 
 log = logging.getLogger(__name__)
 
-#: Errors worth another try: the database, the broker or the disk hiccupped.
+#: Errors worth another try: the database, the broker, the disk or a destination hiccupped.
 TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
 try:  # the broker clients' own connection errors
     import redis.exceptions as _redis_exc
@@ -47,19 +50,14 @@ try:  # the broker clients' own connection errors
 except ImportError:  # pragma: no cover
     pass
 
-RETRY_BASE_S = 2.0
-RETRY_MAX_S = 120.0
+#: Celery's own ceiling on retries, for errors met before an attempt could be counted (the database away).
 MAX_RETRIES = 8
 MIN_PIXELS_ON_OOM = 64 * 28 * 28
 
 
-def backoff(retries: int) -> float:
-    """Exponential backoff with full jitter, capped."""
-    return random.uniform(0.5, 1.0) * min(RETRY_MAX_S, RETRY_BASE_S * (2**retries))
-
-
 def _settings() -> Settings:
-    return app.conf.preread_settings
+    settings: Settings = app.conf.preread_settings
+    return settings
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
@@ -70,26 +68,35 @@ def _is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
-def _begin_attempt(settings: Settings, study_id: int, expect: tuple[StudyState, ...]) -> bool:
-    """Count an attempt on a study still waiting for this step; False for a delivery it has outgrown.
+def _begin_attempt(settings: Settings, study_id: int, expect: tuple[StudyState, ...]) -> int:
+    """Count an attempt on a study still waiting for this step; its number, or 0 for a delivery it has outgrown.
 
     A duplicate delivery (the reconciler's re-enqueue, a redelivered message)
     that finds the study already moved on is not an attempt: counting it would
     make a study that failed once look retried.
     """
     with session_scope(settings.effective_database_url) as session:
-        counted = session.execute(
+        counted = cast(CursorResult[Any], session.execute(
             update(Study)
             .where(Study.id == study_id, Study.state.in_([str(s) for s in expect]))
             .values(attempts=Study.attempts + 1)
-        ).rowcount
-    return bool(counted)
+        )).rowcount
+        if not counted:
+            return 0
+        return int(session.execute(select(Study.attempts).where(Study.id == study_id)).scalar_one())
 
 
-def _fail(settings: Settings, study_id: int, reason: str) -> None:
+def give_up(settings: Settings, study_id: int, stage: str, reason: str) -> None:
+    """The stage has failed for good: FAILED with the stage and reason, except that export keeps the draft."""
+    if stage == EXPORT:
+        from preread.worker.exporters.step import record_export_failure
+
+        record_export_failure(settings, study_id, reason)  # a finished draft stays DRAFTED, the reason beside it
+        log.error("study %s: export failed, the draft stays DRAFTED: %s", study_id, reason)
+        return
     with session_scope(settings.effective_database_url) as session:
-        set_state(session, study_id, StudyState.FAILED, error=reason[:2000])
-    log.error("study %s FAILED: %s", study_id, reason)
+        set_state(session, study_id, StudyState.FAILED, error=f"{stage}: {reason}"[:2000])
+    log.error("study %s FAILED in %s: %s", study_id, stage, reason)
 
 
 def _hand_off(settings: Settings) -> None:
@@ -102,39 +109,68 @@ def _hand_off(settings: Settings) -> None:
         log.info("fast hand-off deferred to the dispatcher: %s", type(exc).__name__)
 
 
-def run_step(task: Task, study_id: int, step: Callable[[], StepOutcome], expect: tuple[StudyState, ...]) -> str:
-    """Run a pipeline step on a study in one of the ``expect`` states, with the shared retry and failure policy."""
+class PipelineTask(Task):
+    """A pipeline step: late acks, declared retries for transient errors, bad input never retried."""
+
+    abstract = True
+    stage = RENDER
+    acks_late = True
+    reject_on_worker_lost = True
+    autoretry_for = TRANSIENT
+    dont_autoretry_for = (BadInput, Superseded)
+    retry_backoff = 2
+    retry_backoff_max = 120
+    retry_jitter = True
+    max_retries = MAX_RETRIES
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], einfo: Any) -> None:
+        """Retries ran out, or an error no retry can mend: the study does not wait silently."""
+        study_id = kwargs.get("study_id", args[0] if args else None)
+        if study_id is None:
+            return
+        kind = "transient error persisted" if isinstance(exc, TRANSIENT) else "error"
+        try:
+            give_up(_settings(), int(study_id), self.stage, f"{kind}: {type(exc).__name__}: {str(exc)[:300]}")
+        except Exception as again:  # the database is still away: the reconciler takes it from here
+            log.error("study %s: could not record the failure (%s)", study_id, type(again).__name__)
+
+
+def run_step(task: PipelineTask, study_id: int, step: Callable[[], StepOutcome], expect: tuple[StudyState, ...]) -> str:
+    """Run a pipeline step on a study in one of the ``expect`` states, counting the attempt."""
     settings = _settings()
+    attempt = _begin_attempt(settings, study_id, expect)
+    if not attempt:
+        log.info("study %s: nothing to do (not %s)", study_id, "/".join(str(s) for s in expect))
+        return "superseded"
     try:
-        if not _begin_attempt(settings, study_id, expect):
-            log.info("study %s: nothing to do (not %s)", study_id, "/".join(str(s) for s in expect))
-            return "superseded"
         outcome = step()
     except Superseded as exc:
         log.info("study %s: nothing to do (%s)", study_id, exc)
         return "superseded"
     except BadInput as exc:
-        _fail(settings, study_id, str(exc))
+        give_up(settings, study_id, task.stage, str(exc))
         return "failed"
     except TRANSIENT as exc:
-        if task.request.retries >= MAX_RETRIES:
-            _fail(settings, study_id, f"transient error persisted: {type(exc).__name__}")
+        if attempt >= settings.max_attempts:
+            give_up(settings, study_id, task.stage,
+                    f"transient error persisted after {attempt} attempts: {type(exc).__name__}: {str(exc)[:300]}")
             return "failed"
-        log.warning("study %s: transient %s, retry %d", study_id, type(exc).__name__, task.request.retries + 1)
-        raise task.retry(exc=exc, countdown=backoff(task.request.retries), max_retries=MAX_RETRIES) from None
+        log.warning("study %s: transient %s in %s, attempt %d of %d; Celery retries it",
+                    study_id, type(exc).__name__, task.stage, attempt, settings.max_attempts)
+        raise
     _hand_off(settings)
     return str(outcome.state)
 
 
-@app.task(name="preread.render_study", bind=True, acks_late=True, reject_on_worker_lost=True)
-def render_study(self: Task, study_id: int) -> str:
+@app.task(name="preread.render_study", bind=True, base=PipelineTask, stage=RENDER)
+def render_study(self: PipelineTask, study_id: int) -> str:
     """Render a STABLE study to PNGs and a manifest, then hand it to the infer queue."""
     settings = _settings()
     return run_step(self, study_id, lambda: render_step(settings, study_id, handoff=INFER), RENDERABLE)
 
 
-@app.task(name="preread.infer_study", bind=True, acks_late=True, reject_on_worker_lost=True)
-def infer_study(self: Task, study_id: int, max_pixels: int | None = None) -> str:
+@app.task(name="preread.infer_study", bind=True, base=PipelineTask, stage=INFER)
+def infer_study(self: PipelineTask, study_id: int, max_pixels: int | None = None) -> str:
     """Probe and draft a RENDERED study on this worker's model."""
     from preread.worker.inference.engine import get_engine
 
@@ -149,13 +185,13 @@ def infer_study(self: Task, study_id: int, max_pixels: int | None = None) -> str
             raise
         smaller = max(MIN_PIXELS_ON_OOM, settings.max_pixels // 2)
         if smaller == settings.max_pixels:
-            _fail(settings, study_id, "CUDA out of memory at the smallest pixel budget")
+            give_up(settings, study_id, INFER, "CUDA out of memory at the smallest pixel budget")
             return "failed"
         log.warning("study %s: CUDA out of memory, retrying with max_pixels=%d", study_id, smaller)
         import torch
 
         torch.cuda.empty_cache()
-        raise self.retry(kwargs={"study_id": study_id, "max_pixels": smaller}, countdown=1, max_retries=MAX_RETRIES) from None
+        raise self.retry(kwargs={"study_id": study_id, "max_pixels": smaller}, countdown=1) from None
 
 
 def _export_topic(settings: Settings) -> str | None:
@@ -163,8 +199,8 @@ def _export_topic(settings: Settings) -> str | None:
     return EXPORT if settings.export_enabled else None
 
 
-@app.task(name="preread.export_study", bind=True, acks_late=True, reject_on_worker_lost=True)
-def export_study(self: Task, study_id: int) -> str:
+@app.task(name="preread.export_study", bind=True, base=PipelineTask, stage=EXPORT)
+def export_study(self: PipelineTask, study_id: int) -> str:
     """Push a DRAFTED study's current report to the configured destinations."""
     from preread.worker.exporters.step import export_step
 
@@ -172,17 +208,5 @@ def export_study(self: Task, study_id: int) -> str:
     return run_step(self, study_id, lambda: export_step(settings, study_id), EXPORTABLE)
 
 
-def _warm_model(**_: Any) -> None:
-    """Load the model once per worker process, before the first task, if this worker serves ``infer``."""
-    import os
-
-    if INFER not in os.environ.get("PREREAD_WORKER_QUEUES", ""):
-        return
-    from preread.worker.inference.engine import get_engine
-
-    get_engine(_settings())
-    log.info("model loaded for the infer queue")
-
-
-worker_process_init.connect(_warm_model)
-worker_ready.connect(_warm_model)
+# The worker's lifecycle (heartbeat, readiness of the infer queue, signals) hooks into Celery's signals.
+from preread.worker.pipeline import lifecycle as _lifecycle  # noqa: E402,F401

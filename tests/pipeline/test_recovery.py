@@ -1,0 +1,202 @@
+"""Attempts per stage, declared retries, and the recovery commands ``preread retry`` and ``preread export``.
+
+Tasks run in this process the way a worker runs them (``apply``: Celery's
+declared retries run at once), on a real Postgres and a real HTTP receiver.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import func, select, update
+from typer.testing import CliRunner
+
+from preread.cli.main import app as cli
+from preread.ingest.assembly.catalog import record_instance
+from preread.schemas.database import session_scope
+from preread.schemas.settings import Settings, get_settings
+from preread.schemas.tables import Outbox, Report, Study, StudyState, utcnow
+from preread.worker.pipeline.reconciler import reconcile_once
+from preread.worker.pipeline.status import snapshot
+from tests.conftest import testdata
+from tests.support.procs import free_port
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """A webhook receiver that records what it got."""
+
+    bodies: list[dict[str, object]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        Receiver.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def worker_app(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """The worker's Celery app in this process, on this test's database and an in-memory broker."""
+    hook_port = free_port()
+    env = dict(DATA_DIR=str(tmp_path), DATABASE_URL=pg_url, BROKER_URL="memory://", MAX_ATTEMPTS="3",
+               WEBHOOK_URL=f"http://127.0.0.1:{hook_port}/hook", RECONCILE_AFTER="30")
+    for key, value in env.items():
+        monkeypatch.setenv(f"PREREAD_{key}", value)
+    get_settings.cache_clear()
+    from preread.worker.pipeline.celery_app import app  # built from this environment when first imported
+
+    previous = app.conf.preread_settings, app.conf.broker_url, app.conf.broker_transport_options
+    app.conf.preread_settings = Settings()
+    app.conf.broker_url, app.conf.broker_transport_options = "memory://", {}
+    app.conf.hook_port = hook_port
+    Receiver.bodies = []
+    yield app
+    app.conf.preread_settings, app.conf.broker_url, app.conf.broker_transport_options = previous
+    get_settings.cache_clear()
+
+
+def _stable_study(url: str, name: str) -> tuple[int, str]:
+    path = testdata(name)
+    with session_scope(url) as session:
+        study_id, _ = record_instance(session, dcmread(path), path, path.stat().st_size)
+        session.execute(update(Study).where(Study.id == study_id).values(state=StudyState.STABLE))
+        uid = session.get(Study, study_id).study_instance_uid
+    return study_id, uid
+
+
+def _drafted_study(url: str, uid: str = "1.2.826.0.1.99") -> int:
+    with session_scope(url) as session:
+        study = Study(study_instance_uid=uid, accession_number="ACC9", state=StudyState.DRAFTED, urgency="routine")
+        session.add(study)
+        session.flush()
+        session.add(Report(study_id=study.id, current=True, draft_text="Impression: Normal.", impression="Normal.",
+                           raw_output="{}", parse_status="ok", model_id="m", prompt_version="v1"))
+        session.add(Outbox(study_id=study.id, topic="export", payload={}, sent_at=utcnow()))
+        return study.id
+
+
+def _study(url: str, study_id: int) -> Study:
+    with session_scope(url) as session:
+        study = session.get(Study, study_id)
+        session.expunge(study)
+        return study
+
+
+def _outbox(url: str, study_id: int, topic: str) -> int:
+    with session_scope(url) as session:
+        return int(session.execute(select(func.count()).select_from(Outbox).where(Outbox.study_id == study_id, Outbox.topic == topic)).scalar_one())
+
+
+def test_transient_render_errors_retry_then_fail_with_stage_and_reason(worker_app, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from preread.worker.pipeline import tasks
+
+    calls = []
+
+    def flaky(settings: Settings, study_id: int, handoff: str | None = None) -> None:
+        calls.append(study_id)
+        raise ConnectionError("disk away")
+
+    monkeypatch.setattr(tasks, "render_step", flaky)
+    study_id, _ = _stable_study(pg_url, "CT_small.dcm")
+    assert tasks.render_study.apply(args=[study_id]).get() == "failed"
+    study = _study(pg_url, study_id)
+    assert len(calls) == 3, "Celery retried until PREREAD_MAX_ATTEMPTS=3 attempts were used"
+    assert study.state == StudyState.FAILED and study.attempts == 3
+    assert study.error.startswith("render: transient error persisted after 3 attempts: ConnectionError")
+
+
+def test_retry_puts_a_failed_render_back_once(worker_app, pg_url: str) -> None:
+    from preread.worker.pipeline.tasks import render_study
+
+    study_id, uid = _stable_study(pg_url, "test-SR.dcm")
+    assert render_study.apply(args=[study_id]).get() == "failed"
+    assert _study(pg_url, study_id).error.startswith("render: nothing renderable")
+    runner = CliRunner()
+    first = runner.invoke(cli, ["retry"])
+    assert first.exit_code == 0, first.output
+    assert f"{uid}: FAILED -> render: queued" in first.output
+    study = _study(pg_url, study_id)
+    assert (study.state, study.attempts, study.error) == (StudyState.STABLE, 0, None)
+    again = runner.invoke(cli, ["retry"])
+    assert "nothing to retry (no study in FAILED)" in again.output
+    by_uid = runner.invoke(cli, ["retry", uid])
+    assert f"{uid}: STABLE -> render: already queued" in by_uid.output
+    assert _outbox(pg_url, study_id, "render") == 1, "one hand-off however often retry runs"
+    unknown = runner.invoke(cli, ["retry", "--stage", "paint"])
+    assert unknown.exit_code == 2 and "unknown --stage 'paint'" in unknown.output
+
+
+def test_retry_sends_a_study_failed_in_infer_back_to_infer(worker_app, pg_url: str) -> None:
+    from preread.worker.pipeline.tasks import render_study
+
+    study_id, uid = _stable_study(pg_url, "CT_small.dcm")
+    assert render_study.apply(args=[study_id]).get() == "RENDERED"
+    with session_scope(pg_url) as session:
+        session.execute(update(Study).where(Study.id == study_id).values(state=StudyState.FAILED, error="infer: boom", attempts=3))
+    result = CliRunner().invoke(cli, ["retry", "--state", "FAILED"])
+    assert f"{uid}: FAILED -> infer: queued" in result.output, result.output
+    assert _study(pg_url, study_id).state == StudyState.RENDERED
+    assert _outbox(pg_url, study_id, "infer") == 2, "the render hand-off and the retry's"
+
+
+def test_webhook_down_then_up_gets_the_draft_and_the_study_never_fails(worker_app, pg_url: str) -> None:
+    from preread.worker.pipeline.tasks import export_study
+
+    settings: Settings = worker_app.conf.preread_settings
+    study_id = _drafted_study(pg_url)
+    assert export_study.apply(args=[study_id]).get() == "failed"  # every retry meets a closed port
+    study = _study(pg_url, study_id)
+    assert study.state == StudyState.DRAFTED, "an export problem never turns a finished draft FAILED"
+    assert study.error.startswith("export: transient error persisted after 3 attempts") and "webhook unreachable" in study.error
+    shown = snapshot(settings)
+    assert [f.study_uid for f in shown.export_failures] == ["1.2.826.0.1.99"], "status shows the export's failure"
+
+    server = HTTPServer(("127.0.0.1", worker_app.conf.hook_port), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        long_ago = utcnow() - timedelta(seconds=3 * settings.reconcile_after)
+        with session_scope(pg_url) as session:
+            session.execute(update(Study).where(Study.id == study_id).values(state_changed_at=long_ago))
+            session.execute(update(Outbox).where(Outbox.study_id == study_id).values(sent_at=long_ago))
+        assert reconcile_once(settings) == 1, "the reconciler covers DRAFTED while an exporter is on"
+        assert export_study.apply(args=[study_id]).get() == "EXPORTED"
+        assert [b["study_instance_uid"] for b in Receiver.bodies] == ["1.2.826.0.1.99"]
+        study = _study(pg_url, study_id)
+        assert study.state == StudyState.EXPORTED and study.error is None
+        again = CliRunner().invoke(cli, ["export", "1.2.826.0.1.99"])
+        assert again.exit_code == 0 and "sent to webhook" in again.output, again.output
+        assert Receiver.bodies[0] == Receiver.bodies[1], "sending again sends the same draft"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_export_sends_drafts_made_before_an_exporter_was_on(worker_app, pg_url: str, tmp_path: Path) -> None:
+    settings: Settings = worker_app.conf.preread_settings
+    with session_scope(pg_url) as session:
+        old = Study(study_instance_uid="1.2.826.0.1.7", state=StudyState.DRAFTED, state_changed_at=utcnow() - timedelta(days=2))
+        session.add(old)
+        session.flush()
+        session.add(Report(study_id=old.id, current=True, draft_text="x", impression="Old.", raw_output="{}",
+                           parse_status="ok", model_id="m", prompt_version="v1"))
+        old_id = old.id
+    assert reconcile_once(settings) == 0, "a draft never handed to an exporter is not re-enqueued by itself"
+    runner = CliRunner()
+    sent = runner.invoke(cli, ["export", "--destination", "fhir"])
+    assert sent.exit_code == 0 and "1.2.826.0.1.7: sent to fhir" in sent.output, sent.output
+    assert json.loads((tmp_path / "exports" / "1.2.826.0.1.7.json").read_text())["conclusion"] == "Old."
+    assert _study(pg_url, old_id).state == StudyState.EXPORTED
+    assert "nothing to export" in runner.invoke(cli, ["export", "--destination", "fhir"]).output
+    resent = runner.invoke(cli, ["export", "--since", "2000-01-01", "--destination", "fhir"])
+    assert "1.2.826.0.1.7: sent to fhir" in resent.output
+    bad = runner.invoke(cli, ["export", "--destination", "ftp"])
+    assert bad.exit_code == 2 and "unknown destination 'ftp'" in bad.output
