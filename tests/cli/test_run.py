@@ -79,8 +79,8 @@ def test_signal_stops_everything_and_the_console_is_quiet(sig: signal.Signals, r
         run_log = data_dir / "logs" / "run.log"
         [listener] = [int(pid) for pid in re.findall(r"listener started \(pid (\d+)\)", _read(run_log))]
         os.kill(listener, sig)  # the same signal to a child: it ends cleanly and comes back
-        wait_until(lambda: "listener stopped" in _read(data_dir / "logs" / "listener.log"), 60, what="listener stopped")
-        wait_until(lambda: len(re.findall(r"listener started", _read(run_log))) == 2, 60, what="listener restarted")
+        wait_until(lambda: "listener stopped" in _read(data_dir / "logs" / "listener.log"), 180, what="listener stopped")
+        wait_until(lambda: len(re.findall(r"listener started", _read(run_log))) == 2, 180, what="listener restarted")
         wait_port(port, timeout=120)
         proc.send_signal(sig)
         console, _ = proc.communicate(timeout=120)
