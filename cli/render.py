@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from preread.ingest.render.batch import FileResult, jobs_for, render_files
-from preread.ingest.render.windows import PRESETS, WindowSpec, parse_window
+if TYPE_CHECKING:
+    from preread.ingest.render.batch import FileResult
+    from preread.ingest.render.windows import WindowSpec
 
 
 def window_spec(window: str | None, preset_name: str | None, rgb_windows: str | None, percentile: bool = False) -> WindowSpec:
     """The :class:`WindowSpec` for the mutually exclusive window options."""
+    from preread.ingest.render.windows import WindowSpec, parse_window
+
     given = [o for o in (window, preset_name, rgb_windows) if o] + (["percentile"] if percentile else [])
     if len(given) > 1:
         raise typer.BadParameter("give at most one of --window, --preset, --rgb-windows, --percentile")
@@ -38,9 +39,11 @@ def window_spec(window: str | None, preset_name: str | None, rgb_windows: str | 
 def render(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs (mirrors the input folders).")],
-    window: Annotated[str | None, typer.Option("--window", help="Explicit window C/W, e.g. 40/400 or -600/1500.")] = None,
+    window: Annotated[
+        str | None, typer.Option("--window", help="CENTER/WIDTH, e.g. 40/400 or -600/1500, or a preset name.")
+    ] = None,
     preset: Annotated[
-        str | None, typer.Option("--preset", help=f"Named window: {', '.join(sorted(PRESETS))}.")
+        str | None, typer.Option("--preset", help="Named window, e.g. brain, lung, bone (an unknown name lists them all).")
     ] = None,
     rgb_windows: Annotated[
         str | None, typer.Option("--rgb-windows", help="Three windows (presets or C/W) packed as R,G,B, e.g. brain,subdural,bone.")
@@ -56,6 +59,10 @@ def render(
     Unreadable inputs are listed with their reason and skipped; the exit code is
     1 when nothing could be rendered.
     """
+    from rich.console import Console
+
+    from preread.ingest.render.batch import jobs_for, render_files
+
     spec = window_spec(window, preset, rgb_windows, percentile)
     console = Console(stderr=True)
     # Files that fail are listed below; pydicom's notes on tolerated quirks are noise here.
@@ -67,25 +74,34 @@ def render(
     n_workers = workers or os.cpu_count() or 1
     failures: list[FileResult] = []
     written = 0
-    progress = Progress(
-        TextColumn("[bold]render[/bold]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-    with progress:
-        task = progress.add_task("render", total=len(jobs))
 
-        def done(result: FileResult) -> None:
-            nonlocal written
-            written += len(result.outputs)
-            if result.error:
-                failures.append(result)
-            progress.advance(task)
+    def done(result: FileResult) -> None:
+        nonlocal written
+        written += len(result.outputs)
+        if result.error:
+            failures.append(result)
 
+    if console.is_terminal:  # a progress bar only for a person watching (rich.progress costs startup time)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("[bold]render[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        with progress:
+            task = progress.add_task("render", total=len(jobs))
+
+            def done_and_shown(result: FileResult) -> None:
+                done(result)
+                progress.advance(task)
+
+            render_files(jobs, workers=n_workers, on_result=done_and_shown)
+    else:
         render_files(jobs, workers=n_workers, on_result=done)
     if failures:
         console.print(f"[yellow]{len(failures)} input(s) skipped:[/yellow]")

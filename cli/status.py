@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from rich.console import Group, RenderableType
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
-from preread.cli.sweep import status_lines as sweep_status_lines
-from preread.schemas.settings import get_settings
-from preread.worker.pipeline.status import PipelineStatus, snapshot
+if TYPE_CHECKING:  # imported by the commands that use them: `preread --help` stays fast
+    from rich.console import Group, RenderableType
+    from rich.table import Table
+
+    from preread.worker.pipeline.status import PipelineStatus
 
 
 def render_status(status: PipelineStatus) -> Group:
     """Rich tables for a status snapshot (shared with ``preread run``'s live view)."""
+    from rich.console import Group, RenderableType
+    from rich.table import Table
+    from rich.text import Text
+
     states = Table(title="Studies", show_edge=False)
     for name in status.states:
         states.add_column(name, justify="right")
@@ -48,6 +52,8 @@ def render_status(status: PipelineStatus) -> Group:
 
 def _processes(status: PipelineStatus) -> Table:
     """Processes seen in the last minute, with their readiness and why not."""
+    from rich.table import Table
+
     table = Table(title="Processes (seen in the last 60 s)", show_edge=False)
     for column in ("role", "queues", "host", "pid", "state", "reason"):
         table.add_column(column)
@@ -57,17 +63,25 @@ def _processes(status: PipelineStatus) -> Table:
 
 
 def status() -> None:
-    """Print the pipeline's state from the database and the broker."""
+    """Print the pipeline's state from the database and the broker (never creates or migrates anything)."""
     from rich.console import Console
 
-    from preread.schemas.database import upgrade
-    from preread.worker.pipeline.celery_app import app
+    from preread.cli.db import require_database
+    from preread.cli.run import describe_sources
+    from preread.schemas.settings import get_settings
 
     settings = get_settings()
-    upgrade(settings.effective_database_url)
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # piped or logged: whole lines, that grep finds
+    for line in describe_sources(settings):
+        console.print(line, highlight=False, soft_wrap=True)
+    require_database(settings.effective_database_url)
+    from preread.worker.pipeline.celery_app import app
+    from preread.worker.pipeline.status import snapshot
+
     console.print(render_status(snapshot(settings, app)))
+    from preread.cli.sweep import status_lines as sweep_status_lines
+
     for line in sweep_status_lines(settings):  # archive sweeps (cli/sweep.py)
         console.print(line, highlight=False)

@@ -80,8 +80,8 @@ def read_instance(path: Path) -> FoundInstance:
     """The header and identity of one file; raises ``ValueError`` with a readable reason."""
     try:
         ds, cut_short = read_file(path)
-    except InvalidDicomError as exc:
-        raise ValueError(f"not a DICOM file ({exc})") from None
+    except InvalidDicomError:  # its text advises force=True, which a user cannot act on
+        raise ValueError("not DICOM (no DICM prefix and no File Meta Information)") from None
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise ValueError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from None
     try:

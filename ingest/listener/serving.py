@@ -8,20 +8,22 @@ worker lets an idle one accept first, so associations spread evenly and
 ingest uses every core. (N sockets bound with ``SO_REUSEPORT`` would let
 the kernel hash each connection to one of them: four associations then
 split 2:2 over two workers only three times in eight.) SIGTERM or SIGINT
-stops accepting, lets running associations finish (bounded) and exits 0; a
-worker that dies is restarted on the same socket.
+SIGHUP stops accepting, lets running associations finish (bounded) and exits
+0; a worker that dies is restarted on the same socket by the one process
+supervisor (:mod:`preread.cli.supervisor`, shared with ``preread run``),
+which gives up on one that keeps failing the same way. A port already in use
+is raised as :class:`PortInUse`, naming the address.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-import multiprocessing
-import os
 import signal
 import socket
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from preread.schemas.database import upgrade
 from preread.schemas.settings import Settings
@@ -32,6 +34,29 @@ LOGGER = logging.getLogger("preread.ingest.serve")
 DRAIN_SECONDS = 10.0
 #: Least seconds between restarts of a crashed worker.
 RESTART_BACKOFF = 1.0
+#: Signals that stop a listener cleanly (SIGHUP: its terminal closed, or ``preread run`` asked).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class PortInUse(OSError):
+    """The listening address is taken by another program; ``host`` and ``port`` name it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(errno.EADDRINUSE, f"address {host}:{port} already in use")
+        self.host, self.port = host, port
+
+
+@contextmanager
+def _binding(settings: Settings) -> Iterator[None]:
+    """Turn "address in use" while binding into :class:`PortInUse` naming the host and port."""
+    try:
+        yield
+    except PortInUse:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(settings.host, settings.port) from None
+        raise
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -43,8 +68,8 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM/SIGINT set ``stop``; returns a function restoring the old handlers."""
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    """SIGTERM/SIGINT/SIGHUP set ``stop``; returns a function restoring the old handlers."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
     def _handler(signum: int, _frame: object) -> None:
         LOGGER.info("signal %d: stopping", signum)
@@ -67,7 +92,8 @@ def shared_socket(settings: Settings, backlog: int = 128) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((settings.host, settings.port))
+        with _binding(settings):
+            sock.bind((settings.host, settings.port))
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
@@ -88,7 +114,13 @@ def run_listener(settings: Settings, *, reuse_port: bool = False, stop: threadin
     restore = _install_stop_handlers(stop) if threading.current_thread() is threading.main_thread() else None
     listener = Listener(settings, reuse_port=reuse_port, listen_socket=listen_socket)
     try:
-        listener.start()
+        with _binding(settings):  # nothing runs yet when the bind fails: no stop to wait for
+            listener.start()
+    except BaseException:
+        if restore:
+            restore()
+        raise
+    try:
         stop.wait()
     finally:
         listener.stop(DRAIN_SECONDS)
@@ -104,43 +136,26 @@ def _worker_main(settings: Settings, log_level: str, listen_socket: socket.socke
 
 
 def serve(settings: Settings, workers: int = 1, log_level: str = "INFO") -> int:
-    """Migrate the database, then run ``workers`` listener processes until SIGTERM/SIGINT."""
+    """Migrate the database, then run ``workers`` listener processes until SIGTERM/SIGINT/SIGHUP."""
     upgrade(settings.effective_database_url)
     if workers <= 1:
         run_listener(settings)
         return 0
+    from preread.cli.supervisor import Supervisor, process_child  # the one supervisor, shared with `preread run`
 
     listen_socket = shared_socket(settings)
     stop = threading.Event()
     restore = _install_stop_handlers(stop)
-    ctx = multiprocessing.get_context("spawn")
-    procs: list[multiprocessing.process.BaseProcess | None] = [None] * workers
-    started_at = [0.0] * workers
+    supervisor = Supervisor(
+        [process_child(f"listen-{i}", _worker_main, (settings, log_level, listen_socket)) for i in range(workers)],
+        backoff_s=RESTART_BACKOFF,
+    )
     try:
-        while not stop.is_set():
-            for i, proc in enumerate(procs):
-                if proc is not None and proc.is_alive():
-                    continue
-                if proc is not None:
-                    LOGGER.error("worker %d (pid %s) exited with %s; restarting", i, proc.pid, proc.exitcode)
-                if time.monotonic() - started_at[i] < RESTART_BACKOFF:
-                    continue
-                proc = ctx.Process(target=_worker_main, args=(settings, log_level, listen_socket),
-                                   name=f"preread-listen-{i}")
-                proc.start()
-                procs[i], started_at[i] = proc, time.monotonic()
-                LOGGER.info("worker %d started (pid %d)", i, proc.pid)
-            stop.wait(0.5)
+        supervisor.start()
+        while not stop.wait(0.5):
+            supervisor.poll()
     finally:
-        for proc in procs:
-            if proc is not None and proc.is_alive() and proc.pid:
-                os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + DRAIN_SECONDS + 5
-        for proc in procs:
-            if proc is not None:
-                proc.join(max(0.1, deadline - time.monotonic()))
-                if proc.is_alive():
-                    proc.kill()
+        supervisor.stop(DRAIN_SECONDS + 5)
         listen_socket.close()
         restore()
     return 0

@@ -8,37 +8,47 @@ Modules, one job each: :mod:`~ingest.render.pixels` (decode and LUTs),
 (one study end to end), :mod:`~ingest.render.batch` (many files, the CLI's job).
 """
 
-from preread.ingest.render.errors import RenderError, UnreadableInstance
-from preread.ingest.render.manifest import RenderedImage, StudyRendering, read_manifest, store_images, write_manifest
-from preread.ingest.render.pixels import ImagePixel, RenderedFrame, read_instance, render_frame
-from preread.ingest.render.selection import FrameRef, InstanceHeader, Kind, SelectionPolicy, read_header, select_frames
-from preread.ingest.render.study import render_study
-from preread.ingest.render.windows import PRESETS, VOIFunction, VOIWindow, WindowMode, WindowSpec, parse_window, preset
+from __future__ import annotations
 
-__all__ = [
-    "PRESETS",
-    "FrameRef",
-    "ImagePixel",
-    "InstanceHeader",
-    "Kind",
-    "RenderError",
-    "RenderedFrame",
-    "RenderedImage",
-    "SelectionPolicy",
-    "StudyRendering",
-    "UnreadableInstance",
-    "VOIFunction",
-    "VOIWindow",
-    "WindowMode",
-    "WindowSpec",
-    "parse_window",
-    "preset",
-    "read_header",
-    "read_instance",
-    "read_manifest",
-    "render_frame",
-    "render_study",
-    "select_frames",
-    "store_images",
-    "write_manifest",
-]
+import importlib
+from typing import Any
+
+#: Public name -> module that defines it. Imported on first use (PEP 562), so that ``preread render``
+#: does not import SQLAlchemy (the manifest's database half) or the catalog just to render files.
+_EXPORTS = {
+    "RenderError": "errors",
+    "UnreadableInstance": "errors",
+    "RenderedImage": "manifest",
+    "StudyRendering": "manifest",
+    "read_manifest": "manifest",
+    "store_images": "manifest",
+    "write_manifest": "manifest",
+    "ImagePixel": "pixels",
+    "RenderedFrame": "pixels",
+    "read_instance": "pixels",
+    "render_frame": "pixels",
+    "FrameRef": "selection",
+    "InstanceHeader": "selection",
+    "Kind": "selection",
+    "SelectionPolicy": "selection",
+    "read_header": "selection",
+    "select_frames": "selection",
+    "render_study": "study",
+    "PRESETS": "windows",
+    "VOIFunction": "windows",
+    "VOIWindow": "windows",
+    "WindowMode": "windows",
+    "WindowSpec": "windows",
+    "parse_window": "windows",
+    "preset": "windows",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from preread.ingest.storage.files import write_atomic
-
 _deflate: ModuleType
 try:
     from isal import isal_zlib
@@ -67,12 +65,16 @@ def write_png(path: Path, pixels: np.ndarray, *, atomic: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode_png(pixels))
         return
+    from preread.ingest.storage.files import write_atomic  # here: `preread render` needs no storage stack
+
     # not fsynced: a PNG lost to a power cut is rendered again from the stored instances
     write_atomic(path, [encode_png(pixels)], sync=False)
 
 
 def write_json(path: Path, payload: Any) -> None:
     """Write ``payload`` as indented JSON, atomically (not fsynced, as :func:`write_png`)."""
+    from preread.ingest.storage.files import write_atomic
+
     write_atomic(path, [json.dumps(payload, indent=2).encode() + b"\n"], sync=False)
 
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from typing import TYPE_CHECKING, Any
 
 from preread.ingest.render.files import write_json
-from preread.schemas.tables import Image, Instance
+
+if TYPE_CHECKING:  # the database half is imported by store_images: rendering files needs no SQLAlchemy
+    from sqlalchemy.orm import Session
 
 MANIFEST_NAME = "manifest.json"
+#: Additions keep the version (readers use defaults): ``not_shown`` came later, within version 1.
 MANIFEST_VERSION = 1
 
 
@@ -68,6 +68,8 @@ class StudyRendering:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     study_instance_uid: str | None = None
     window: str = "dataset"
+    #: Everything the model does not see, with why: ``{"series": [...], "instances": [...]}``.
+    not_shown: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def write_manifest(rendering: StudyRendering, *, min_pixels: int | None, max_pixels: int | None) -> Path:
@@ -82,6 +84,7 @@ def write_manifest(rendering: StudyRendering, *, min_pixels: int | None, max_pix
         "images": [image.to_json(base) for image in rendering.images],
         "errors": [{"file": str(p), "reason": r} for p, r in rendering.errors],
         "skipped": [{"file": str(p), "kind": k} for p, k in rendering.skipped],
+        "not_shown": rendering.not_shown,
     }
     write_json(rendering.manifest_path, payload)
     return rendering.manifest_path
@@ -101,6 +104,7 @@ def read_manifest(path: Path) -> StudyRendering:
         skipped=[(Path(e["file"]), e["kind"]) for e in data.get("skipped", [])],
         study_instance_uid=data.get("study_instance_uid"),
         window=data.get("window", "dataset"),
+        not_shown=data.get("not_shown", {}),
     )
 
 
@@ -109,6 +113,10 @@ def store_images(session: Session, study_id: int, rendering: StudyRendering) -> 
 
     ``instance_id`` is looked up by SOP Instance UID (``None`` if not indexed).
     """
+    from sqlalchemy import delete, select
+
+    from preread.schemas.tables import Image, Instance
+
     uids = sorted({image.sop_instance_uid for image in rendering.images})
     ids: dict[str, int] = {}
     if uids:

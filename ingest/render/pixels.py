@@ -129,11 +129,33 @@ def read_instance(path: Path | str) -> Dataset:
     except IsADirectoryError:
         raise UnreadableInstance("is a directory") from None
     except Exception as exc:  # pydicom raises many types on malformed input
+        if not _has_dicm_prefix(path):
+            raise UnreadableInstance(NOT_DICOM) from None
         raise UnreadableInstance(f"not a readable DICOM file ({type(exc).__name__}: {_short(exc)})") from None
+    if not any(k in ds for k in _IDENTIFYING_KEYWORDS) and not _has_dicm_prefix(path):
+        raise UnreadableInstance(NOT_DICOM)  # read "by force", a text file is an empty data set
     if cut_short:
         raise UnreadableInstance("truncated file: it ends inside the pixel data")
     _guess_transfer_syntax(ds)
     return ds
+
+
+#: The reason given for files that are not DICOM at all (pydicom's "use force=True" is no advice to a user).
+NOT_DICOM = "not DICOM (no DICM prefix and no DICOM attributes)"
+#: Attributes any DICOM image or object has; a file without the prefix and without all of them is not DICOM.
+_IDENTIFYING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID", "Rows", "PixelData")
+#: Where Part 10 puts the "DICM" prefix: after the 128-byte preamble.
+_PREFIX_AT = 128
+
+
+def _has_dicm_prefix(path: Path | str) -> bool:
+    """Whether the file has the Part 10 "DICM" prefix (files without it may still be raw DICOM data sets)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(_PREFIX_AT)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _guess_transfer_syntax(ds: Dataset) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image
 
 #: One visual token covers a 28x28 patch (14 px patches merged 2x2).
 FACTOR = 28
@@ -70,6 +69,8 @@ def resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """``pixels`` (uint8 grey or RGB) resampled to (height, width) with BICUBIC."""
     if pixels.shape[:2] == (height, width):
         return pixels
+    from PIL import Image  # only when a budget resizes: plain `preread render` starts without PIL
+
     image = Image.fromarray(pixels)
     return np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
 

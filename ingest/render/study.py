@@ -15,7 +15,9 @@ from preread.ingest.render.pixels import RenderedFrame, read_instance, render_fr
 from preread.ingest.render.resize import fit
 from preread.ingest.render.selection import (
     FrameRef,
+    VOLUME_MODALITIES,
     InstanceHeader,
+    Kind,
     SelectionPolicy,
     candidates,
     read_header,
@@ -126,6 +128,7 @@ def render_study(
         reasons = "; ".join(sorted({r for _, r in errors})) or "no image instances"
         raise RenderError(f"nothing in the study could be rendered ({len(paths)} files: {reasons[:300]})")
     _remove_stale(out_dir, {i.path for i in images})
+    not_shown = what_was_not_shown(headers, skipped, errors, images, max_images)
     rendering = StudyRendering(
         images=images,
         errors=errors,
@@ -133,6 +136,116 @@ def render_study(
         skipped=[(h.path, kind) for h, kind in skipped],
         study_instance_uid=study_uid,
         window=spec.name,
+        not_shown=not_shown,
     )
     write_manifest(rendering, min_pixels=min_pixels, max_pixels=max_pixels)
     return rendering
+
+
+#: What an instance left out by its kind is, in the manifest's words.
+KIND_REASONS = {
+    Kind.LOCALIZER: "localizer",
+    Kind.DOSE_REPORT: "dose report",
+    Kind.SR: "structured report",
+    Kind.PR: "presentation state",
+    Kind.KO: "key object selection",
+    Kind.SCREEN_CAPTURE: "screen capture",
+    Kind.NON_IMAGE: "not an image",
+}
+
+
+def _majority(headers: list[InstanceHeader], attribute: str) -> bool:
+    return sum(bool(getattr(h, attribute)) for h in headers) * 2 >= len(headers)
+
+
+def _series_reason(series: list[InstanceHeader], shown: list[list[InstanceHeader]]) -> str:
+    """Why a series of candidate images was not shown, measured against the series that were."""
+    if not shown:
+        return "nothing of the study could be shown"
+    main = max(shown, key=lambda s: sum(h.number_of_frames for h in s))
+    modality, main_modality = series[0].modality, main[0].modality
+    frames = sum(h.number_of_frames for h in series)
+    main_frames = sum(h.number_of_frames for h in main)
+    if modality not in VOLUME_MODALITIES and main_modality in VOLUME_MODALITIES:
+        return f"not a CT/MR volume: the {main_modality} series was chosen"
+    if _majority(main, "is_primary") and not _majority(series, "is_primary"):
+        return "secondary (derived or reformatted) series: a primary series was chosen"
+    if _majority(main, "is_axial") and not _majority(series, "is_axial"):
+        return "not axial: an axial series was chosen"
+    if frames < main_frames:
+        return f"fewer slices than the chosen series ({frames} < {main_frames})"
+    if modality != main_modality:
+        return f"{modality}: the {main_modality} series was chosen"
+    return f"one series is shown: the chosen series has as many slices ({main_frames}) and comes first"
+
+
+def what_was_not_shown(
+    headers: list[InstanceHeader],
+    skipped: list[tuple[InstanceHeader, str]],
+    errors: list[tuple[Path, str]],
+    images: list[RenderedImage],
+    max_images: int,
+) -> dict[str, list[dict[str, object]]]:
+    """Every series and instance of the study the model does not see, each with its reason.
+
+    Instances: left out by kind (localizer, dose report ...), unreadable, in a series that was not
+    chosen, or in the chosen series but beyond the image limit (``max_images`` frames, evenly spaced).
+    Series: those with no image shown, with the reason they lost to the chosen one.
+    """
+    shown_uids = {i.sop_instance_uid for i in images}
+    shown_series = {i.series_instance_uid for i in images}
+    kinds = {id(h): kind for h, kind in skipped}
+    failed = {Path(p): reason for p, reason in errors}
+    by_series: dict[str, list[InstanceHeader]] = {}
+    for h in headers:
+        by_series.setdefault(h.series_instance_uid, []).append(h)
+    shown_groups = [group for uid, group in by_series.items() if uid in shown_series]
+    series_out: list[dict[str, object]] = []
+    series_reason: dict[str, str] = {}
+    for uid, group in by_series.items():
+        if uid in shown_series:
+            continue
+        group_kinds = {kinds.get(id(h)) for h in group}
+        if None not in group_kinds:  # every instance left out by its kind
+            reason = ", ".join(sorted(KIND_REASONS.get(k, str(k)) for k in group_kinds if k))
+        elif all(h.path in failed for h in group if id(h) not in kinds):
+            reason = "unreadable"
+        else:
+            reason = _series_reason([h for h in group if id(h) not in kinds], shown_groups)
+        series_reason[uid] = reason
+        series_out.append({
+            "series_instance_uid": uid,
+            "modality": group[0].modality,
+            "series_number": group[0].series_number,
+            "instances": len(group),
+            "frames": sum(h.number_of_frames for h in group),
+            "reason": reason,
+        })
+    shown_total = sum(h.number_of_frames for group in shown_groups for h in group if id(h) not in kinds)
+    instances_out: list[dict[str, object]] = []
+    for h in headers:
+        if h.sop_instance_uid in shown_uids:
+            continue
+        if id(h) in kinds:
+            reason = KIND_REASONS.get(kinds[id(h)], kinds[id(h)])
+        elif h.path in failed:
+            reason = f"unreadable: {failed[h.path]}"
+        elif h.series_instance_uid in series_reason:
+            reason = f"series not shown: {series_reason[h.series_instance_uid]}"
+        else:
+            reason = (
+                f"over the image limit: {len(images)} of {shown_total} frames shown, evenly spaced "
+                f"(PREREAD_MAX_IMAGES={max_images})"
+            )
+        instances_out.append({
+            "file": str(h.path),
+            "sop_instance_uid": h.sop_instance_uid,
+            "series_instance_uid": h.series_instance_uid,
+            "reason": reason,
+        })
+    read = {h.path for h in headers}
+    for path, reason in errors:  # files whose header could not even be read
+        if path not in read:
+            instances_out.append({"file": str(path), "sop_instance_uid": None, "series_instance_uid": None,
+                                  "reason": f"unreadable: {reason}"})
+    return {"series": series_out, "instances": instances_out}

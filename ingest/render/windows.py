@@ -94,7 +94,9 @@ def preset(name: str) -> VOIWindow:
     """The named preset as a window; raises ``KeyError`` listing the known names."""
     key = name.strip().lower().replace("-", "_").replace(" ", "_")
     if key not in PRESETS:
-        raise KeyError(f"unknown window preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise KeyError(
+            f"unknown window preset {name!r}; presets: {', '.join(sorted(PRESETS))}; or give CENTER/WIDTH, e.g. 40/400"
+        )
     c, w = PRESETS[key]
     return VOIWindow(c, w, VOIFunction.LINEAR, f"preset:{key}")
 
@@ -156,12 +158,23 @@ class WindowSpec:
 _CW = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*[/,:]\s*(\d+(?:\.\d*)?)\s*$")
 
 
+_NUMBER = re.compile(r"^\s*-?\d+(?:\.\d*)?\s*$")
+
+
 def parse_window(text: str) -> VOIWindow:
-    """A ``C/W`` text (``-600/1500``) or a preset name as a window."""
+    """A ``CENTER/WIDTH`` text (``-600/1500``) or a preset name as a window.
+
+    Raises ``KeyError`` for anything else, naming the accepted forms and every preset.
+    """
     m = _CW.match(text)
     if m:
         c, w = float(m.group(1)), float(m.group(2))
         return VOIWindow(c, w, VOIFunction.LINEAR, f"{_num(c)}/{_num(w)}")
+    if _NUMBER.match(text) or any(ch.isdigit() for ch in text):
+        raise KeyError(
+            f"window {text.strip()!r} is neither CENTER/WIDTH (e.g. 40/400 or -600/1500) nor a preset; "
+            f"presets: {', '.join(sorted(PRESETS))}"
+        )
     return preset(text)
 
 

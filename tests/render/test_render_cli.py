@@ -67,6 +67,26 @@ def test_render_bad_options_and_nothing_rendered(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "no pixel data" in res.output
 
 
+def test_window_needs_center_and_width_and_names_the_presets(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["render", str(testdata("CT_small.dcm")), "--out", str(tmp_path), "--window", "40"])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "CENTER/WIDTH" in text and "40/400" in text and "unknown window preset" not in text
+    assert "mediastinum" in text and "lung" in text, "the presets are named"
+    res = runner.invoke(app, ["render", str(testdata("CT_small.dcm")), "--out", str(tmp_path / "ok"), "--window", "40/400"])
+    assert res.exit_code == 0, res.output
+
+
+def test_text_file_is_not_dicom(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a text file\n")
+    res = CliRunner().invoke(app, ["render", str(notes), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert "notes.txt: not DICOM" in " ".join(res.output.split())
+    assert "force" not in res.output and "no pixel data" not in res.output
+
+
 def test_registered_in_preread_cli() -> None:
     from preread.cli.main import app as preread
 
