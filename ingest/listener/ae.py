@@ -84,7 +84,8 @@ def build_ae(ae_title: str) -> AE:
     ae.maximum_associations = MAX_ASSOCIATIONS
     ae.maximum_pdu_size = MAX_PDU_SIZE
     ae.add_supported_context(Verification)
-    ae.add_supported_context(COMMITMENT_SOP_CLASS, **COMMITMENT_CONTEXT_ROLES)
+    ae.add_supported_context(COMMITMENT_SOP_CLASS, scu_role=COMMITMENT_CONTEXT_ROLES["scu_role"],
+                             scp_role=COMMITMENT_CONTEXT_ROLES["scp_role"])
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)

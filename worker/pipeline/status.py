@@ -85,7 +85,7 @@ def delivery_troubles(session: Session) -> list[DeliveryTrouble]:
     counts: dict[str, dict[str, int]] = {}
     for destination, state, n in summary(session):
         counts.setdefault(destination, {})[state] = n
-    last: dict[str, tuple[str, datetime | None]] = {}
+    last: dict[str, tuple[str, datetime]] = {}
     rows = session.execute(
         select(Delivery.destination, Delivery.last_error, Delivery.updated_at)
         .join(Report, Report.id == Delivery.report_id)
@@ -100,8 +100,8 @@ def delivery_troubles(session: Session) -> list[DeliveryTrouble]:
         failed = by_state.get(str(DeliveryState.FAILED), 0)
         if not failed and destination not in last:
             continue  # delivered, or waiting for its first attempt: no problem to show
-        error, at = last.get(destination, ("", None))
-        troubles.append(DeliveryTrouble(destination, pending, failed, error, at))
+        error, when = last[destination] if destination in last else ("", None)
+        troubles.append(DeliveryTrouble(destination, pending, failed, error, when))
     return troubles
 
 
