@@ -226,15 +226,17 @@ def test_export_sends_drafts_made_before_an_exporter_was_on(worker_app, pg_url: 
     assert "1.2.826.0.1.7" in sent.output and "fhir-file" in sent.output and "delivered" in sent.output, sent.output
     bundle = json.loads((tmp_path / "exports" / "1.2.826.0.1.7.json").read_text())
     assert bundle["resourceType"] == "Bundle" and "Old." in json.dumps(bundle)
-    assert [(d.destination, d.state) for d in _deliveries(pg_url, old_id)] == [("fhir-file", DeliveryState.DELIVERED)]
+    assert [(d.destination, d.state) for d in _deliveries(pg_url, old_id)] == [
+        ("fhir-file", DeliveryState.DELIVERED), ("webhook", DeliveryState.PENDING)], "planned for every destination"
+    assert _study(pg_url, old_id).state == StudyState.DRAFTED, "the webhook (down) has not had it yet"
 
     (tmp_path / "exports" / "1.2.826.0.1.7.json").unlink()
     again = runner.invoke(cli, ["export", "--since", "2000-01-01", "--destination", "fhir-file"], terminal_width=200)
     assert again.exit_code == 0 and "(0 new, 1 sent again)" in again.output, again.output
     resent = json.loads((tmp_path / "exports" / "1.2.826.0.1.7.json").read_text())
     assert [e["fullUrl"] for e in resent["entry"]] == [e["fullUrl"] for e in bundle["entry"]], "the same draft again"
-    assert [(d.destination, d.state) for d in _deliveries(pg_url, old_id)] == [("fhir-file", DeliveryState.DELIVERED)], \
-        "idempotent: one row per destination however often it is sent"
+    assert [(d.destination, d.state) for d in _deliveries(pg_url, old_id)] == [
+        ("fhir-file", DeliveryState.DELIVERED), ("webhook", DeliveryState.PENDING)], "idempotent: one row per destination"
 
     bad = runner.invoke(cli, ["export", "--destination", "ftp"])
     assert bad.exit_code == 2 and "no destination named 'ftp'" in bad.output
