@@ -14,12 +14,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from preread.api.health import SEEN_WITHIN
 from preread.schemas.settings import Settings
-from preread.schemas.tables import Heartbeat, Outbox, ParseStatus, ProbeScore, Report, Study, StudyState, utcnow
+from preread.schemas.tables import Delivery, DeliveryState, Heartbeat, Outbox, ParseStatus, ProbeScore, Report, Study, StudyState, utcnow
 from preread.worker.inference.thresholds import ProbeThreshold, threshold_for
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class PipelineCollector(Collector):
             yield from self._probes(session)
             yield from self._queues(session)
             yield from self._processes(session)
+            yield from self._deliveries(session)
         finally:
             session.close()
 
@@ -156,15 +157,23 @@ class PipelineCollector(Collector):
         for (role, state), n in sorted(processes.items()):
             metric.add_metric([role, state], n)
         yield metric
-        failures: Counter[str] = Counter()
-        for row in rows:
-            for destination, n in ((row.details or {}).get("export_failures") or {}).items():
-                failures[str(destination)] += int(n)
-        counter = CounterMetricFamily("preread_export_failures", "Failed exports, by destination (from the workers' heartbeats).",
-                                      labels=["destination"])
-        for destination, n in sorted(failures.items()):
-            counter.add_metric([destination], n)
-        yield counter
+
+    def _deliveries(self, session: Session) -> Iterator[Metric]:
+        """Deliveries of current reports that failed for good or whose last attempt failed, by destination."""
+        troubled = or_(Delivery.state == DeliveryState.FAILED,
+                       Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING]) & Delivery.last_error.is_not(None))
+        gauge = GaugeMetricFamily("preread_export_failures",
+                                  "Deliveries of current reports failed or retrying after an error, by destination.",
+                                  labels=["destination"])
+        for destination, n in session.execute(
+            select(Delivery.destination, func.count())
+            .join(Report, Report.id == Delivery.report_id)
+            .where(Report.current.is_(True), troubled)
+            .group_by(Delivery.destination)
+            .order_by(Delivery.destination)
+        ):
+            gauge.add_metric([destination], n)
+        yield gauge
 
 
 def registry_for(collector: PipelineCollector) -> CollectorRegistry:

@@ -138,6 +138,18 @@ class StudyTimings(BaseModel):
     drafted_at: datetime | None
 
 
+class DeliveryOut(BaseModel):
+    """One delivery of the current report to one destination, and where it stands."""
+
+    destination: str
+    kind: str
+    state: str
+    attempts: int
+    last_error: str | None
+    sent_at: datetime | None
+    updated_at: datetime
+
+
 class StudyOut(BaseModel):
     """A study with its identity, state, current draft, history, images and feedback."""
 
@@ -163,6 +175,8 @@ class StudyOut(BaseModel):
     reprocess_pending: bool
     viewer_url: str | None
     report: ReportOut | None
+    #: Each delivery of the current report (destination, state, attempts, last error).
+    deliveries: list[DeliveryOut]
     probes: list[ProbeScoreOut]
     history: list[ReportSummary]
     images: list[ImageOut]

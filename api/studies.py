@@ -13,7 +13,7 @@ from preread.api import models
 from preread.api.urgency import from_rank, urgency_reason
 from preread.ingest.assembly.catalog import is_valid_uid
 from preread.schemas.settings import Settings
-from preread.schemas.tables import Feedback, Image, Instance, Outbox, ProbeScore, Report, Series, Study, StudyState
+from preread.schemas.tables import Delivery, Feedback, Image, Instance, Outbox, ProbeScore, Report, Series, Study, StudyState
 from preread.worker.inference.thresholds import ProbeThreshold, threshold_for
 from preread.worker.pipeline.queues import RENDER
 from preread.worker.pipeline.stages import set_state
@@ -94,6 +94,9 @@ def study_detail(session: Session, study: Study, settings: Settings, thresholds:
     images = session.execute(
         select(Image.width, Image.height, Image.window).where(Image.study_id == study.id).order_by(Image.ordinal, Image.id)
     ).all()
+    deliveries = [] if current is None else list(session.scalars(
+        select(Delivery).where(Delivery.report_id == current.id).order_by(Delivery.destination)
+    ))
     feedback = session.scalars(select(Feedback).where(Feedback.study_id == study.id).order_by(Feedback.id.desc()))
     top = (probes[0].condition, probes[0].score) if probes else None
     report_out = None
@@ -142,6 +145,11 @@ def study_detail(session: Session, study: Study, settings: Settings, thresholds:
         reprocess_pending=reprocess_pending(session, study),
         viewer_url=viewer_link(settings, study),
         report=report_out,
+        deliveries=[
+            models.DeliveryOut(destination=d.destination, kind=d.kind, state=d.state, attempts=d.attempts,
+                               last_error=d.last_error, sent_at=d.sent_at, updated_at=d.updated_at)
+            for d in deliveries
+        ],
         probes=probes,
         history=[
             models.ReportSummary(id=r.id, current=r.current, created_at=r.created_at, parse_status=r.parse_status,

@@ -47,7 +47,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from tests.support.orthanc_archive import Orthanc  # noqa: E402
+from tests.support.orthanc import Orthanc  # noqa: E402
 from tests.support.procs import Proc, base_env, free_port, preread_argv, wait_port, wait_until  # noqa: E402
 
 DAY = date(2023, 6, 1)

@@ -53,7 +53,11 @@ def export(
             if since_utc is not None:
                 stmt = stmt.where(Report.created_at >= since_utc)
             ids = list(session.scalars(stmt))
-            planned = plan(session, chosen, fill_missing=True, study_ids=ids)
+            # A draft no destination has planned yet gets every destination's row, as the coordinator's pass
+            # would give it (else --destination would leave it EXPORTED with the others never planned) ...
+            planned = plan(session, destinations, study_ids=ids)
+            # ... and the chosen destinations a row where a report has none (one configured later).
+            planned += plan(session, chosen, fill_missing=True, study_ids=ids)
             reset = resend(session, study_ids=ids, destination=destination)
         deliver_due(settings, wait=True)
         with session_scope(settings.effective_database_url) as session:

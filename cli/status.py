@@ -1,4 +1,4 @@
-"""``preread status``: studies per state, queue depths, the last failures."""
+"""``preread status``: studies per state, queue depths, the last failures, delivery problems per destination."""
 
 from __future__ import annotations
 
@@ -40,12 +40,13 @@ def render_status(status: PipelineStatus) -> Group:
     parts += [Text(line, style="bold red") for line in status.warnings]
     parts.append(failures)
     if status.export_failures:
-        exports = Table(title="Export failures (the drafts stay DRAFTED; `preread export` sends again)", show_edge=False)
-        exports.add_column("when (UTC)")
-        exports.add_column("study")
-        exports.add_column("reason")
-        for f in status.export_failures:
-            exports.add_row(f.at.strftime("%Y-%m-%d %H:%M:%S"), f.study_uid, f.error)
+        exports = Table(title="Delivery problems (drafts stay DRAFTED; the coordinator retries, `preread export` sends again)",
+                        show_edge=False)
+        for column in ("destination", "pending", "failed", "last error", "when (UTC)"):
+            exports.add_column(column)
+        for t in status.export_failures:
+            when = t.at.strftime("%Y-%m-%d %H:%M:%S") if t.at is not None else ""
+            exports.add_row(t.destination, str(t.pending), str(t.failed), t.last_error, when)
         parts.append(exports)
     return Group(*parts)
 

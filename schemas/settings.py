@@ -191,8 +191,8 @@ class Settings(BaseSettings):
     reconcile_after: float = Field(
         300.0,
         gt=0,
-        description="Seconds a study may wait in STABLE or RENDERED, or in DRAFTED while an exporter is enabled, "
-        "with no hand-off in flight before the reconciler re-enqueues it.",
+        description="Seconds a study may wait in STABLE or RENDERED with no hand-off in flight before the "
+        "reconciler re-enqueues it (DRAFTED studies are the coordinator's deliveries' to retry).",
     )
     readiness_recheck: float = Field(60.0, gt=0, description="Seconds between model-load checks of a not-ready infer worker.")
     max_attempts: int = Field(5, gt=0, description="Attempts per study before it is FAILED for good.")

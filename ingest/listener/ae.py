@@ -8,7 +8,9 @@ The public entry point for embedding is :class:`Listener`::
     listener.stop()
 
 Who gets in is :mod:`.access` and :mod:`.gate`, what an instance becomes is
-:mod:`.handlers`, and every pynetdicom extension is in :mod:`.transport`.
+:mod:`.handlers`, and every pynetdicom extension is in :mod:`.transport`. The
+Storage Commitment results a PACS sends back (N-EVENT-REPORT) go to
+:func:`preread.worker.exporters.commitment.handle_n_event_report`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from preread.ingest.listener.tls import server_context
 from preread.ingest.storage import files
 from preread.schemas.database import engine_for
 from preread.schemas.settings import Settings
+from preread.worker.exporters.commitment import COMMITMENT_CONTEXT_ROLES, COMMITMENT_SOP_CLASS, handle_n_event_report
 
 LOGGER = logging.getLogger("preread.ingest.listener")
 
@@ -75,22 +78,26 @@ MAX_PDU_SIZE = 1024 * 1024
 
 
 def build_ae(ae_title: str) -> AE:
-    """An AE supporting Verification and every storage SOP class with :data:`TRANSFER_SYNTAXES`."""
+    """An AE supporting Verification, every storage SOP class with :data:`TRANSFER_SYNTAXES`, and the
+    Storage Commitment Push Model with the PACS in the SCP role (it sends us the N-EVENT-REPORT)."""
     ae = AE(ae_title=ae_title)
     ae.maximum_associations = MAX_ASSOCIATIONS
     ae.maximum_pdu_size = MAX_PDU_SIZE
     ae.add_supported_context(Verification)
+    ae.add_supported_context(COMMITMENT_SOP_CLASS, scu_role=COMMITMENT_CONTEXT_ROLES["scu_role"],
+                             scp_role=COMMITMENT_CONTEXT_ROLES["scp_role"])
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     return ae
 
 
-def event_handlers(ctx: IngestContext) -> list[Any]:
-    """The listener's pynetdicom event handlers."""
+def event_handlers(ctx: IngestContext, settings: Settings) -> list[Any]:
+    """The listener's pynetdicom event handlers (the N-EVENT-REPORT confirms our SR deliveries)."""
     return [
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [ctx]),
+        (evt.EVT_N_EVENT_REPORT, handle_n_event_report, [settings]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted),
         (evt.EVT_CONN_CLOSE, handlers.handle_closed),
     ]
@@ -154,7 +161,7 @@ class Listener:
         transport.quiet_pynetdicom()
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
-            evt_handlers=event_handlers(self.ctx),
+            evt_handlers=event_handlers(self.ctx, self.settings),
             server_class=transport.ListenerServer,
             request_handler=transport.ListenerRequestHandler,
             door=self.door,

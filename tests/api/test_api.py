@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select, update
 
 from preread.schemas.findings import Urgency
-from preread.schemas.tables import AuditEvent, Feedback, Heartbeat, Outbox, ProbeScore, Report, Study, utcnow
+from preread.schemas.tables import AuditEvent, Delivery, Feedback, Heartbeat, Outbox, ProbeScore, Report, Study, utcnow
 from tests.api.conftest import PHI, Stack
 from tests.support.procs import Proc, base_env, free_port, preread_argv, wait_until
 
@@ -242,6 +242,34 @@ def test_metrics_parse_and_move(stack: Stack) -> None:
         assert _metric(after, "preread_studies_received_total") == _metric(before, "preread_studies_received_total") + 1
         assert 'modality="CR"' in after
     stack.studies["extra"] = ""  # the worklist now has five studies; later tests look studies up by key
+
+
+def test_study_view_lists_deliveries_and_metrics_count_the_failing(stack: Stack) -> None:
+    uid = stack.studies["stat"]
+    engine = _db(stack)
+    with engine.begin() as conn:
+        study_id, report_id = conn.execute(
+            select(Report.study_id, Report.id).join(Study, Study.id == Report.study_id)
+            .where(Study.study_instance_uid == uid, Report.current.is_(True))).one()
+        conn.execute(Delivery.__table__.insert(), [
+            dict(report_id=report_id, study_id=study_id, destination="pacs", kind="dicom", state="pending", attempts=3,
+                 last_error="association rejected by 'PACS'", sent_at=None, next_attempt_at=utcnow(), created_at=utcnow(), updated_at=utcnow()),
+            dict(report_id=report_id, study_id=study_id, destination="ehr", kind="fhir", state="delivered", attempts=1,
+                 last_error=None, sent_at=utcnow(), next_attempt_at=utcnow(), created_at=utcnow(), updated_at=utcnow()),
+        ])
+    try:
+        with stack.client("read") as client:
+            shown = client.get(f"/api/v1/studies/{uid}").json()["deliveries"]
+        assert [(d["destination"], d["kind"], d["state"], d["attempts"], d["last_error"]) for d in shown] == [
+            ("ehr", "fhir", "delivered", 1, None), ("pacs", "dicom", "pending", 3, "association rejected by 'PACS'")]
+        with stack.client("worker") as client:
+            metrics = client.get("/metrics").text
+        assert 'preread_export_failures{destination="pacs"} 1.0' in metrics
+        assert 'destination="ehr"' not in metrics, "a delivered row is no failure"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(Delivery.__table__.delete().where(Delivery.study_id == study_id))
+        engine.dispose()
 
 
 def _heartbeats(stack: Stack, roles: list[tuple[str, str]]) -> None:

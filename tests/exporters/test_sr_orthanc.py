@@ -217,39 +217,32 @@ def test_stow_rs_to_orthanc_dicomweb(pg_url: str, tmp_path: Path) -> None:
 
 
 def test_storage_commitment_confirms_the_delivery(pg_url: str, tmp_path: Path) -> None:
-    from pynetdicom import AE, evt
-
-    from preread.worker.exporters.commitment import COMMITMENT_CONTEXT_ROLES, COMMITMENT_SOP_CLASS, handle_n_event_report
+    """The PACS sends its N-EVENT-REPORT to ``preread listen``, which confirms the delivery row."""
     from tests.support.drafted import drafted_study
-    from tests.support.procs import free_port, wait_until
+    from tests.support.procs import Proc, free_port, processes, wait_port, wait_until
 
     study_id, _ = drafted_study(pg_url, tmp_path / "src")
     port = free_port()
-    with Orthanc(tmp_path / "orthanc", modalities={"preread": ["PREREAD", "127.0.0.1", port]}) as orthanc:
+    with Orthanc(tmp_path / "orthanc", modalities={"preread": ["PREREAD", "127.0.0.1", port]}) as orthanc, \
+            processes() as started:
         settings = Settings(database_url=pg_url, data_dir=tmp_path / "data", ae_title="PREREAD", destinations=[
             {"name": "pacs", "kind": "dicom", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
              "port": orthanc.dicom_port, "storage_commitment": True},
         ])
-        # The listener's part: accept the N-EVENT-REPORT the PACS sends back (the listener binds the same handler).
-        ae = AE(ae_title="PREREAD")
-        ae.add_supported_context(COMMITMENT_SOP_CLASS, **COMMITMENT_CONTEXT_ROLES)
-        server = ae.start_server(("127.0.0.1", port), block=False,
-                                 evt_handlers=[(evt.EVT_N_EVENT_REPORT, handle_n_event_report, [settings])])
-        try:
-            deliver_due(settings, wait=True)
+        # The listener's part: the real `preread listen` accepts the N-EVENT-REPORT the PACS sends back.
+        env = base_env(database_url=pg_url, data_dir=tmp_path / "listen", ae_title="PREREAD")
+        listener = Proc(preread_argv("listen", "--port", str(port)), env, tmp_path / "listen.log").start()
+        started.append(listener)
+        wait_port(port)
+        deliver_due(settings, wait=True)
 
-            def state() -> tuple[str, object]:
-                with session_scope(pg_url) as session:
-                    row = session.scalars(select(Delivery)).one()
-                    return row.state, row.confirmed_at
+        def state() -> str:
+            with session_scope(pg_url) as session:
+                return str(session.scalars(select(Delivery.state)).one())
 
-            def confirmed() -> bool:
-                return state()[0] == DeliveryState.DELIVERED
-
-            wait_until(confirmed, 60, what="the storage commitment report")
-        finally:
-            server.shutdown()
-        assert len(orthanc.instances()) == 1
+        wait_until(lambda: state() == DeliveryState.DELIVERED, 60, what="the storage commitment report")
+        assert listener.alive() and len(orthanc.instances()) == 1
+        assert "storage commitment" in listener.output() and "committed" in listener.output()
     with session_scope(pg_url) as session:
         row = session.scalars(select(Delivery)).one()
         assert row.commitment_uid and row.confirmed_at is not None and row.sent_at is not None

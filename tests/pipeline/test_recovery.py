@@ -22,7 +22,8 @@ from preread.cli.main import app as cli
 from preread.ingest.assembly.catalog import record_instance
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings, get_settings
-from preread.schemas.tables import Outbox, Report, Study, StudyState, utcnow
+from preread.schemas.tables import Delivery, DeliveryState, Outbox, Report, Study, StudyState, utcnow
+from preread.worker.exporters.deliveries import deliver_due
 from preread.worker.pipeline.reconciler import reconcile_once
 from preread.worker.pipeline.status import snapshot
 from tests.conftest import testdata
@@ -148,55 +149,95 @@ def test_retry_sends_a_study_failed_in_infer_back_to_infer(worker_app, pg_url: s
     assert _outbox(pg_url, study_id, "infer") == 2, "the render hand-off and the retry's"
 
 
+def _deliveries(url: str, study_id: int) -> list[Delivery]:
+    with session_scope(url) as session:
+        rows = list(session.scalars(select(Delivery).where(Delivery.study_id == study_id).order_by(Delivery.id)))
+        session.expunge_all()
+        return rows
+
+
 def test_webhook_down_then_up_gets_the_draft_and_the_study_never_fails(worker_app, pg_url: str) -> None:
     from preread.worker.pipeline.tasks import export_study
 
     settings: Settings = worker_app.conf.preread_settings
     study_id = _drafted_study(pg_url)
-    assert export_study.apply(args=[study_id]).get() == "failed"  # every retry meets a closed port
+    assert export_study.apply(args=[study_id]).get() == "DRAFTED", "the webhook's port is closed: the delivery waits"
+    for _ in range(3):  # the coordinator's passes while the webhook stays down
+        with session_scope(pg_url) as session:
+            session.execute(update(Delivery).where(Delivery.study_id == study_id).values(next_attempt_at=utcnow()))
+        deliver_due(settings, wait=True)
+    [row] = _deliveries(pg_url, study_id)
+    assert (row.destination, row.state, row.attempts) == ("webhook", DeliveryState.PENDING, 4)
+    assert "webhook 'webhook' unreachable" in (row.last_error or "")
     study = _study(pg_url, study_id)
-    assert study.state == StudyState.DRAFTED, "an export problem never turns a finished draft FAILED"
-    assert study.error.startswith("export: transient error persisted after 3 attempts") and "webhook unreachable" in study.error
-    shown = snapshot(settings)
-    assert [f.study_uid for f in shown.export_failures] == ["1.2.826.0.1.99"], "status shows the export's failure"
+    assert study.state == StudyState.DRAFTED and study.error is None, "an export problem never turns a finished draft FAILED"
+    [trouble] = snapshot(settings).export_failures
+    assert (trouble.destination, trouble.pending, trouble.failed) == ("webhook", 1, 0), "status shows the failure"
+    assert "unreachable" in trouble.last_error
+    shown = CliRunner().invoke(cli, ["status"], terminal_width=200)
+    assert "Delivery problems" in shown.output and "webhook 'webhook' unreachable" in shown.output, shown.output
+
+    long_ago = utcnow() - timedelta(seconds=3 * settings.reconcile_after)
+    with session_scope(pg_url) as session:
+        session.execute(update(Study).where(Study.id == study_id).values(state_changed_at=long_ago))
+        session.execute(update(Outbox).where(Outbox.study_id == study_id).values(sent_at=long_ago))
+    assert reconcile_once(settings) == 0, "a DRAFTED study with a pending delivery is the coordinator's, not re-enqueued"
+    assert _outbox(pg_url, study_id, "export") == 1
+    assert _study(pg_url, study_id).state == StudyState.DRAFTED
 
     server = HTTPServer(("127.0.0.1", worker_app.conf.hook_port), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        long_ago = utcnow() - timedelta(seconds=3 * settings.reconcile_after)
-        with session_scope(pg_url) as session:
-            session.execute(update(Study).where(Study.id == study_id).values(state_changed_at=long_ago))
-            session.execute(update(Outbox).where(Outbox.study_id == study_id).values(sent_at=long_ago))
-        assert reconcile_once(settings) == 1, "the reconciler covers DRAFTED while an exporter is on"
-        assert export_study.apply(args=[study_id]).get() == "EXPORTED"
+        with session_scope(pg_url) as session:  # its backoff has run out
+            session.execute(update(Delivery).where(Delivery.study_id == study_id).values(next_attempt_at=utcnow()))
+        assert deliver_due(settings, wait=True) == 1, "the coordinator's pass sends it once the webhook is up"
         assert [b["study_instance_uid"] for b in Receiver.bodies] == ["1.2.826.0.1.99"]
         study = _study(pg_url, study_id)
         assert study.state == StudyState.EXPORTED and study.error is None
-        again = CliRunner().invoke(cli, ["export", "1.2.826.0.1.99"])
-        assert again.exit_code == 0 and "sent to webhook" in again.output, again.output
-        assert Receiver.bodies[0] == Receiver.bodies[1], "sending again sends the same draft"
+        [row] = _deliveries(pg_url, study_id)
+        assert (row.state, row.attempts, row.last_error) == (DeliveryState.DELIVERED, 5, None)
+        assert snapshot(settings).export_failures == [], "a destination that recovered is no longer shown"
+        again = CliRunner().invoke(cli, ["export", "1.2.826.0.1.99"], terminal_width=200)
+        assert again.exit_code == 0 and "delivered" in again.output, again.output
+        assert len(Receiver.bodies) == 2 and Receiver.bodies[0] == Receiver.bodies[1], "sending again sends the same draft"
+        assert len(_deliveries(pg_url, study_id)) == 1, "sending again reuses the delivery row"
     finally:
         server.shutdown()
         server.server_close()
 
 
-def test_export_sends_drafts_made_before_an_exporter_was_on(worker_app, pg_url: str, tmp_path: Path) -> None:
+def test_export_sends_drafts_made_before_an_exporter_was_on(worker_app, pg_url: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     settings: Settings = worker_app.conf.preread_settings
     with session_scope(pg_url) as session:
-        old = Study(study_instance_uid="1.2.826.0.1.7", state=StudyState.DRAFTED, state_changed_at=utcnow() - timedelta(days=2))
+        old = Study(study_instance_uid="1.2.826.0.1.7", patient_id="MRN-7", state=StudyState.DRAFTED, state_changed_at=utcnow() - timedelta(days=2))
         session.add(old)
         session.flush()
         session.add(Report(study_id=old.id, current=True, draft_text="x", impression="Old.", raw_output="{}",
                            parse_status="ok", model_id="m", prompt_version="v1"))
         old_id = old.id
-    assert reconcile_once(settings) == 0, "a draft never handed to an exporter is not re-enqueued by itself"
+    assert reconcile_once(settings) == 0, "the reconciler leaves DRAFTED to the deliveries"
+    assert _outbox(pg_url, old_id, "export") == 0 and _deliveries(pg_url, old_id) == []
+    monkeypatch.setenv("PREREAD_EXPORT_FHIR", "1")  # the FHIR file exporter is switched on after the draft
+    get_settings.cache_clear()
     runner = CliRunner()
-    sent = runner.invoke(cli, ["export", "--destination", "fhir"])
-    assert sent.exit_code == 0 and "1.2.826.0.1.7: sent to fhir" in sent.output, sent.output
-    assert json.loads((tmp_path / "exports" / "1.2.826.0.1.7.json").read_text())["conclusion"] == "Old."
-    assert _study(pg_url, old_id).state == StudyState.EXPORTED
-    assert "nothing to export" in runner.invoke(cli, ["export", "--destination", "fhir"]).output
-    resent = runner.invoke(cli, ["export", "--since", "2000-01-01", "--destination", "fhir"])
-    assert "1.2.826.0.1.7: sent to fhir" in resent.output
+    sent = runner.invoke(cli, ["export", "--destination", "fhir-file"], terminal_width=200)
+    assert sent.exit_code == 0, sent.output
+    assert "1.2.826.0.1.7" in sent.output and "fhir-file" in sent.output and "delivered" in sent.output, sent.output
+    bundle = json.loads((tmp_path / "exports" / "1.2.826.0.1.7.json").read_text())
+    assert bundle["resourceType"] == "Bundle" and "Old." in json.dumps(bundle)
+    assert [(d.destination, d.state) for d in _deliveries(pg_url, old_id)] == [
+        ("fhir-file", DeliveryState.DELIVERED), ("webhook", DeliveryState.PENDING)], "planned for every destination"
+    assert _study(pg_url, old_id).state == StudyState.DRAFTED, "the webhook (down) has not had it yet"
+
+    (tmp_path / "exports" / "1.2.826.0.1.7.json").unlink()
+    again = runner.invoke(cli, ["export", "--since", "2000-01-01", "--destination", "fhir-file"], terminal_width=200)
+    assert again.exit_code == 0 and "(0 new, 1 sent again)" in again.output, again.output
+    resent = json.loads((tmp_path / "exports" / "1.2.826.0.1.7.json").read_text())
+    assert [e["fullUrl"] for e in resent["entry"]] == [e["fullUrl"] for e in bundle["entry"]], "the same draft again"
+    assert [(d.destination, d.state) for d in _deliveries(pg_url, old_id)] == [
+        ("fhir-file", DeliveryState.DELIVERED), ("webhook", DeliveryState.PENDING)], "idempotent: one row per destination"
+
     bad = runner.invoke(cli, ["export", "--destination", "ftp"])
-    assert bad.exit_code == 2 and "unknown destination 'ftp'" in bad.output
+    assert bad.exit_code == 2 and "no destination named 'ftp'" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and "Traceback" not in bad.output

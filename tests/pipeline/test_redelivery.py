@@ -99,3 +99,31 @@ def test_reconciler_waits_for_a_recent_handoff_then_re_enqueues(settings: Settin
         unsent = session.execute(select(Outbox.topic).where(Outbox.study_id == study_id, Outbox.sent_at.is_(None))).scalars().all()
     assert unsent == ["render"]
     assert reconcile_once(settings) == 0, "one re-enqueue per study while it is pending"
+
+
+def test_reconciler_leaves_a_lost_export_to_the_deliveries_which_send_it(settings: Settings) -> None:
+    """A DRAFTED study whose export task was lost gets no second task: the coordinator's planner makes its row."""
+    from preread.schemas.tables import Delivery, DeliveryState, Report
+    from preread.worker.exporters.deliveries import deliver_due
+
+    url = settings.effective_database_url
+    exporting = settings.model_copy(update={"export_fhir": True})
+    long_ago = utcnow() - timedelta(seconds=3 * settings.reconcile_after)
+    with session_scope(url) as session:
+        study = Study(study_instance_uid="1.2.826.0.1.55", patient_id="MRN-55", state=StudyState.DRAFTED,
+                      state_changed_at=long_ago)
+        session.add(study)
+        session.flush()
+        session.add(Report(study_id=study.id, current=True, draft_text="x", impression="Fine.", raw_output="{}",
+                           parse_status="ok", model_id="m", prompt_version="v1"))
+        session.add(Outbox(study_id=study.id, topic="export", payload={"study_id": study.id}, sent_at=long_ago))
+        study_id = study.id
+    assert reconcile_once(exporting) == 0, "no export task is re-enqueued for a DRAFTED study"
+    with session_scope(url) as session:
+        assert session.execute(select(func.count()).select_from(Outbox).where(Outbox.sent_at.is_(None))).scalar_one() == 0
+    assert deliver_due(exporting, wait=True) == 2, "the coordinator's pass plans its row and delivers it"
+    assert (exporting.exports_dir / "1.2.826.0.1.55.json").exists()
+    with session_scope(url) as session:
+        assert [(d.destination, d.state) for d in session.scalars(select(Delivery))] == [("fhir-file", DeliveryState.DELIVERED)]
+    assert _study(url, study_id).state == StudyState.EXPORTED
+    assert reconcile_once(exporting) == 0

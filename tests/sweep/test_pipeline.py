@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, func, select
 
 from preread.schemas.tables import Instance, Outbox, Report, Study, StudyState, Sweep, SweepStudy
 from tests.pipeline.test_queue import Pipeline, redis_server  # noqa: F401  (fixture)
-from tests.support.orthanc_archive import ORTHANC, Orthanc
+from tests.support.orthanc import ORTHANC, Orthanc
 from tests.support.procs import RedisServer, processes, wait_until
 from tests.sweep.helpers import DAY1, DAY2, make_study, three_dates
 

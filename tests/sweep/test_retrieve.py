@@ -23,7 +23,7 @@ from preread.ingest.sweep.window import parse_window
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Instance, Outbox, Study, StudyState, Sweep, SweepState, SweepStudy
-from tests.support.orthanc_archive import ORTHANC, Orthanc
+from tests.support.orthanc import ORTHANC, Orthanc
 from tests.support.procs import free_port
 from tests.sweep.helpers import DAY1, DAY2, DAY3, make_study, three_dates
 

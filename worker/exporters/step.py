@@ -37,18 +37,3 @@ def export_step(settings: Settings, study_id: int) -> StepOutcome:
     if still_open:
         log.info("study %s: %s; the coordinator retries the rest", study_id, detail)
     return StepOutcome(study_id, state, detail=detail)
-
-
-def record_export_failure(settings: Settings, study_id: int, reason: str) -> None:
-    """Record why an export step gave up beside the draft; the study keeps its state (a draft is never FAILED by export).
-
-    Failures of single destinations live on their delivery rows; this is for
-    the step itself failing (its database away, say) once its retries ran out.
-    """
-    from sqlalchemy import update
-
-    with session_scope(settings.effective_database_url) as session:
-        session.execute(
-            update(Study).where(Study.id == study_id, Study.state.in_([str(StudyState.DRAFTED), str(StudyState.EXPORTED)]))
-            .values(error=f"export: {reason}"[:2000])
-        )

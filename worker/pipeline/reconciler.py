@@ -1,16 +1,19 @@
 """The reconciler: nothing stays stuck when a broker or a worker loses a message.
 
-Every waiting state has its hand-off: STABLE waits for ``render``, RENDERED
-for ``infer``, and DRAFTED for ``export`` while an exporter is enabled
-(EXPORTED is the end state of a study whose draft was sent out); a draft
-made before an exporter was enabled was never handed to one and goes out with
-``preread export``. A study that
-has waited longer than ``reconcile_after`` with no hand-off pending, and none
-published within ``reconcile_after``, gets a new outbox row. A study that has
-used up its attempts on render or infer is FAILED with the stage and reason; a
-drafted study is never FAILED by its export. RENDERED studies are not
-re-enqueued while no ready infer worker has been seen: they wait, visibly
-(``preread status``), and go on when one reports ready.
+Every waiting state has its hand-off: STABLE waits for ``render`` and RENDERED
+for ``infer``. A study that has waited longer than ``reconcile_after`` with no
+hand-off pending, and none published within ``reconcile_after``, gets a new
+outbox row. A study that has used up its attempts on render or infer is FAILED
+with the stage and reason. RENDERED studies are not re-enqueued while no ready
+infer worker has been seen: they wait, visibly (``preread status``), and go on
+when one reports ready.
+
+DRAFTED is not watched here: while an exporter is enabled the coordinator's
+:func:`~preread.worker.exporters.deliveries.deliver_due` owns it on every pass. It
+plans delivery rows for a DRAFTED study that has none (a lost export task, or a
+draft made before the exporter was enabled), sends what is due, and re-sends a
+row whose sender died once its lease runs out. Re-enqueueing the export task
+would only race it. A drafted study is never FAILED by its export.
 """
 
 from __future__ import annotations
@@ -18,28 +21,25 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import delete, exists, false, or_, select, update
+from sqlalchemy import delete, exists, or_, select, update
 
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Outbox, Study, StudyState, utcnow
 from preread.worker.pipeline.heartbeat import prune, ready_for, seen
-from preread.worker.pipeline.queues import EXPORT, INFER, RENDER
+from preread.worker.pipeline.queues import INFER, RENDER
 
 log = logging.getLogger(__name__)
 
-#: The hand-off a study waits for in each state.
-TOPIC_FOR_STATE = {StudyState.STABLE: RENDER, StudyState.RENDERED: INFER, StudyState.DRAFTED: EXPORT}
-#: The stage whose attempts a waiting state counts (DRAFTED: export, never FAILED for it).
+#: The hand-off a study waits for in each watched state (DRAFTED belongs to the deliveries).
+TOPIC_FOR_STATE = {StudyState.STABLE: RENDER, StudyState.RENDERED: INFER}
+#: The stage whose attempts a waiting state counts.
 STAGE_FOR_STATE = {StudyState.STABLE: RENDER, StudyState.RENDERED: INFER}
 
 
 def waiting_states(settings: Settings) -> list[StudyState]:
-    """The states the reconciler watches: DRAFTED only while an exporter is enabled."""
-    states = [StudyState.STABLE, StudyState.RENDERED]
-    if settings.export_enabled:
-        states.append(StudyState.DRAFTED)
-    return states
+    """The states the reconciler watches (never DRAFTED: the coordinator's deliveries own it)."""
+    return list(TOPIC_FOR_STATE)
 
 
 def reconcile_once(settings: Settings) -> int:
@@ -54,13 +54,7 @@ def reconcile_once(settings: Settings) -> int:
     with session_scope(url) as session:
         # A hand-off still unsent, or sent so recently that a worker may not have taken it yet.
         pending = exists().where(Outbox.study_id == Study.id, or_(Outbox.sent_at.is_(None), Outbox.sent_at >= cutoff))
-        # A drafted study waits for its export only if it was handed to one; older drafts go out by `preread export`.
-        handed_to_export = exists().where(Outbox.study_id == Study.id, Outbox.topic == EXPORT)
-        drafted = [s for s in watched if s == StudyState.DRAFTED]
-        waiting = or_(
-            Study.state.in_([str(s) for s in watched if s != StudyState.DRAFTED]),
-            (Study.state == str(StudyState.DRAFTED)) & handed_to_export if drafted else false(),
-        )
+        waiting = Study.state.in_([str(s) for s in watched])
         stuck = session.execute(
             select(Study.id, Study.state, Study.attempts, Study.priority, Study.study_instance_uid)
             .where(waiting, Study.state_changed_at < cutoff, ~pending)

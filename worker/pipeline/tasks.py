@@ -7,8 +7,8 @@ itself (``autoretry_for`` with exponential backoff and jitter) for transient
 errors, never for bad input. Each stage counts its own attempts on the study
 (a retry is an attempt; a delivery that finds the study moved on is not) and
 stops at ``PREREAD_MAX_ATTEMPTS``: render and infer end FAILED with the stage
-and reason; export never turns a finished draft FAILED, it records its failure
-beside the DRAFTED study. Only the CUDA out-of-memory path retries by hand,
+and reason; export never turns a finished draft FAILED: each destination's
+failure lives on its delivery row, retried by the coordinator. Only the CUDA out-of-memory path retries by hand,
 with a smaller pixel budget.
 """
 
@@ -89,10 +89,10 @@ def _begin_attempt(settings: Settings, study_id: int, expect: tuple[StudyState, 
 def give_up(settings: Settings, study_id: int, stage: str, reason: str) -> None:
     """The stage has failed for good: FAILED with the stage and reason, except that export keeps the draft."""
     if stage == EXPORT:
-        from preread.worker.exporters.step import record_export_failure
-
-        record_export_failure(settings, study_id, reason)  # a finished draft stays DRAFTED, the reason beside it
-        log.error("study %s: export failed, the draft stays DRAFTED: %s", study_id, reason)
+        # A finished draft stays DRAFTED: the coordinator's deliver_due plans and retries its deliveries,
+        # whose rows carry each destination's reason (``preread status``).
+        log.error("study %s: the export task gave up (%s); the draft stays DRAFTED for the coordinator's deliveries",
+                  study_id, reason)
         return
     with session_scope(settings.effective_database_url) as session:
         set_state(session, study_id, StudyState.FAILED, error=f"{stage}: {reason}"[:2000])
