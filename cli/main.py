@@ -7,6 +7,7 @@ import os
 
 import typer
 
+from preread.cli.cleanup import cleanup
 from preread.cli.db import db_app
 from preread.cli.draft import draft
 from preread.cli.listen import listen
@@ -24,6 +25,7 @@ app.command("run")(run)
 app.command("coordinate")(coordinate)
 app.command("listen")(listen)
 app.command("render")(render_command)
+app.command("cleanup")(cleanup)
 
 
 def main() -> None:

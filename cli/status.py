@@ -40,3 +40,6 @@ def status() -> None:
     settings = get_settings()
     upgrade(settings.effective_database_url)
     Console().print(render_status(snapshot(settings, app)))
+    from preread.ingest.storage.retention import status_lines
+
+    Console().print("\n".join(status_lines(settings)))

@@ -128,6 +128,11 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    #: When a released association hinted the study complete: STABLE once this has passed without new instances.
+    release_hint_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: When retention cleanup removed the study's stored instances and PNGs (rows are kept), and how many bytes.
+    files_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    files_removed_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     reports: Mapped[list[Report]] = relationship(back_populates="study", cascade="all, delete-orphan")
@@ -342,3 +347,19 @@ class Heartbeat(Base):
         Index("uq_heartbeats_process", "role", "host", "pid", unique=True),
         Index("ix_heartbeats_last_seen", "last_seen"),
     )
+
+
+class CleanupRun(Base):
+    """One retention cleanup: why it ran, what it removed and what it freed (``preread status`` shows the last)."""
+
+    __tablename__ = "cleanup_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: ``age`` (the daily pass or ``preread cleanup``) or ``space`` (free space under twice the watermark).
+    reason: Mapped[str] = mapped_column(String(16))
+    studies: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    files: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    bytes_freed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    free_bytes_after: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
