@@ -128,7 +128,9 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
-    #: When a released association hinted the study complete: STABLE once this has passed without new instances.
+    #: When an association that stored instances of the study was last released (a completion hint) ...
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: ... and ``released_at`` plus the modality's grace: STABLE then, unless an instance arrived after the release.
     release_hint_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When retention cleanup removed the study's stored instances and PNGs (rows are kept), and how many bytes.
     files_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

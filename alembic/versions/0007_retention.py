@@ -1,4 +1,4 @@
-"""retention and release hint: studies.files_removed_at/_bytes, studies.release_hint_at, cleanup_runs
+"""retention and release hint: studies.files_removed_at/_bytes, studies.released_at/release_hint_at, cleanup_runs
 
 Revision ID: 0007
 Revises: 0002
@@ -17,6 +17,7 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("studies", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("released_at", sa.DateTime(), nullable=True))
         batch_op.add_column(sa.Column("release_hint_at", sa.DateTime(), nullable=True))
         batch_op.add_column(sa.Column("files_removed_at", sa.DateTime(), nullable=True))
         batch_op.add_column(sa.Column("files_removed_bytes", sa.BigInteger(), nullable=True))
@@ -40,3 +41,4 @@ def downgrade() -> None:
         batch_op.drop_column("files_removed_bytes")
         batch_op.drop_column("files_removed_at")
         batch_op.drop_column("release_hint_at")
+        batch_op.drop_column("released_at")

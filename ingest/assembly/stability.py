@@ -7,6 +7,8 @@ studies to STABLE with a conditional UPDATE (Postgres: rows locked with
 ``FOR UPDATE SKIP LOCKED``) and writes one ``Outbox(topic="render")`` row per
 flipped study in the same transaction. An instance that arrives later
 re-opens the study (:func:`~preread.ingest.assembly.catalog.receive_study`).
+A released association's completion hint (:mod:`~preread.ingest.assembly.release`)
+makes a study STABLE before the idle timer, after its modality's grace.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import logging
 import threading
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from preread.ingest.assembly.holds import not_in_open_sweep
 from preread.schemas.database import session_scope
 from preread.schemas.tables import Outbox, Study, StudyState, utcnow
 
@@ -37,7 +40,12 @@ def mark_stable(session: Session, stable_after: float, now: datetime | None = No
     """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=stable_after)
-    quiet = (Study.state == StudyState.RECEIVING, Study.last_received_at < cutoff)
+    # quiet for stable_after, or hinted complete by a released association (its grace passed, nothing since,
+    # no open sweep owning it: see ingest/assembly/release.py)
+    hinted = and_(
+        Study.release_hint_at <= now, Study.last_received_at <= Study.released_at, *not_in_open_sweep(session)
+    )
+    quiet = (Study.state == StudyState.RECEIVING, or_(Study.last_received_at < cutoff, hinted))
     # A read first: SQLite takes its write lock only when there is work.
     if session.execute(select(Study.id).where(*quiet).limit(1)).first() is None:
         return []
@@ -74,13 +82,13 @@ def run_once(url: str, stable_after: float) -> list[int]:
     with session_scope(url) as session:
         ids = mark_stable(session, stable_after)
     for study_id in ids:
-        LOGGER.info("study %d is STABLE (quiet for %.0f s), queued for %s", study_id, stable_after, RENDER_TOPIC)
+        LOGGER.info("study %d is STABLE (quiet for %.0f s or released), queued for %s", study_id, stable_after, RENDER_TOPIC)
     return ids
 
 
 def default_interval(stable_after: float) -> float:
-    """How often to look: a tenth of ``stable_after``, between 0.1 and 2 seconds."""
-    return min(max(stable_after / 10.0, 0.1), 2.0)
+    """How often to look: a tenth of ``stable_after``, between 0.1 and 0.5 seconds (a release hint's grace may be 1 s)."""
+    return min(max(stable_after / 10.0, 0.1), 0.5)
 
 
 class StabilityMonitor:

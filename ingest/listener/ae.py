@@ -68,6 +68,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from preread.ingest.listener import access
 from preread.ingest.listener import transport as dimse
 from preread.ingest.storage import files as storage
+from preread.ingest.assembly import release
 from preread.ingest.assembly.catalog import InstanceIdentity, InvalidIdentity, identity_of, is_valid_uid
 from preread.ingest.assembly.index import InstanceIndex
 from preread.ingest.storage.part10 import file_meta_bytes
@@ -422,6 +423,7 @@ def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, c
         LOGGER.error("C-STORE refused 0x%04X: cannot index %s: %s", STORE_FAILED, ident.sop_instance_uid, type(exc).__name__)
         return STORE_FAILED
 
+    release.note_stored(event.assoc, ident.study_uid)  # a clean release then hints the study complete
     LOGGER.debug(
         "stored %s (study %s, SOP class %s, %d bytes, %s, from %s%s%s) in %.1f ms",
         ident.sop_instance_uid, ident.study_uid, sop_class, stored.size, transfer_syntax, calling_ae,
@@ -543,6 +545,8 @@ def event_handlers(ctx: IngestContext, settings: Settings) -> list[Any]:
         (evt.EVT_REQUESTED, access.handle_requested, [peers]),
         (evt.EVT_ACCEPTED, handle_accepted),
         (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
+        (evt.EVT_RELEASED, release.handle_released, [ctx.index.engine, settings]),
+        (evt.EVT_ABORTED, release.handle_aborted),
     ]
 
 
