@@ -41,5 +41,6 @@ def status() -> None:
     upgrade(settings.effective_database_url)
     Console().print(render_status(snapshot(settings, app)))
     from preread.ingest.storage.retention import status_lines
+    from preread.worker.pipeline.gpus import status_lines as worker_lines
 
-    Console().print("\n".join(status_lines(settings)))
+    Console().print("\n".join(worker_lines(settings.effective_database_url) + status_lines(settings)))

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the engine imports torch: only the step that needs it impor
 
 from preread.ingest.storage.retention import FilesRemoved, check_files_present
 from preread.schemas.database import session_scope
+from preread.worker.pipeline.gpus import DRAFTS
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Image, Instance, Outbox, Report, Series, Study, StudyState, utcnow
 
@@ -189,6 +190,7 @@ def infer_step(settings: Settings, study_id: int, engine: Engine, *, handoff: st
         save_probes(session, study_id, probes, draft.model_id)
         save_draft(session, study_id, draft)
         session.execute(update(Study).where(Study.id == study_id).values(urgency=str(urgency), priority=max(requested_rank, urgency.rank)))
+    DRAFTS.record()  # drafts per minute in this worker's heartbeat (worker/pipeline/gpus.py)
     log.info(
         "study %s drafted: parse=%s urgency=%s tokens=%s",
         study_uid,
