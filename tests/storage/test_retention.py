@@ -140,6 +140,10 @@ def test_cleanup_removes_exactly_old_files_keeps_rows_and_frees_the_listener(tmp
         assert len(run) == 1 and run[0].reason == "age" and run[0].studies == 1 and run[0].files == 42
         assert lp.query("select count(*) from studies where files_removed_at is not null")[0][0] == 1
 
+        shown = _cli(env, "status")
+        assert shown.returncode == 0, shown.stderr
+        assert "disk: " in shown.stdout and "last cleanup (age)" in shown.stdout and "1 studies, 42 files" in shown.stdout
+
         # the same listener, without a restart, takes C-STOREs again
         accepted = storescu(lp.port, probe_files)
         assert accepted.returncode == 0
@@ -209,7 +213,8 @@ def test_space_pass_takes_oldest_finished_first_until_twice_the_watermark(tmp_pa
     watermark = (_free(tmpfs) + 12 * MiB) // 2
     settings = Settings(data_dir=data, database_url=sqlite_url, retention_days=365, min_free_bytes=watermark)
     assert retention.due(settings) == "space"
-    result = retention.cleanup(settings, reason="space")
+    result = retention.run_if_due(settings)  # what the coordinator calls
+    assert result is not None and result.reason == "space"
     assert result.studies == [uids[2], uids[1]]
     assert not (data / "studies" / uids[2]).exists() and not (data / "studies" / uids[1]).exists()
     assert (data / "studies" / uids[0] / "s" / "i.dcm").exists()
