@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,6 +43,8 @@ FINISHED = (StudyState.DRAFTED, StudyState.EXPORTED, StudyState.FAILED)
 DAILY = 24 * 3600.0
 #: The space pass frees until free space is this many times the listener's watermark.
 SPACE_FACTOR = 2
+#: Seconds between space passes while free space stays low.
+SPACE_RETRY_S = 60.0
 #: ``cleanup_runs.reason`` values.
 REASON_AGE = "age"
 REASON_SPACE = "space"
@@ -308,12 +311,30 @@ def due(settings: Settings, now: datetime | None = None) -> str | None:
     return None
 
 
+_last_space_pass = -SPACE_RETRY_S
+
+
 def run_if_due(settings: Settings) -> CleanupResult | None:
-    """The coordinator's call: run the cleanup :func:`due` names, if any."""
+    """The coordinator's call: run the cleanup :func:`due` names, if any.
+
+    A space pass runs at most every ``SPACE_RETRY_S`` seconds: when nothing more may
+    go, the disk stays low until studies finish, and that is said once per pass.
+    """
+    global _last_space_pass
     reason = due(settings)
     if reason is None:
         return None
-    return cleanup(settings, reason=reason)
+    if reason == REASON_SPACE:
+        if time.monotonic() - _last_space_pass < SPACE_RETRY_S:
+            return None
+        _last_space_pass = time.monotonic()
+    result = cleanup(settings, reason=reason)
+    if reason == REASON_SPACE and (result.free_bytes_after or 0) < SPACE_FACTOR * settings.min_free_bytes:
+        LOGGER.warning(
+            "free space %s is still under twice PREREAD_MIN_FREE_BYTES (%s) after cleanup: no more finished, unheld "
+            "study to remove; free disk space or raise the disk size", human_bytes(result.free_bytes_after or 0),
+            human_bytes(SPACE_FACTOR * settings.min_free_bytes))
+    return result
 
 
 def status_lines(settings: Settings) -> list[str]:
