@@ -180,6 +180,7 @@ def run_postgres(tmp: Path, model_dir: Path, studies: list[tuple[str, Path]], ad
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=50)
+    parser.add_argument("--only", choices=["embedded", "postgres"], help="run one backend only")
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres", help="admin URL")
     args = parser.parse_args()
 
@@ -187,10 +188,11 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="preread-latency-"))
     model_dir = build_tiny_model(tmp / "tiny-model")
-    results = {
-        "embedded (SQLite, file queue)": run_embedded(tmp, model_dir, _cr_studies(tmp / "in-embedded", args.studies)),
-        "Postgres + Redis": run_postgres(tmp, model_dir, _cr_studies(tmp / "in-pg", args.studies), args.pg),
-    }
+    results = {}
+    if args.only in (None, "embedded"):
+        results["embedded (SQLite, file queue)"] = run_embedded(tmp, model_dir, _cr_studies(tmp / "in-embedded", args.studies))
+    if args.only in (None, "postgres"):
+        results["Postgres + Redis"] = run_postgres(tmp, model_dir, _cr_studies(tmp / "in-pg", args.studies), args.pg)
     table = Table(caption="seconds; pipeline = latency - grace - model time", title=f"bench/latency.py: {args.studies} single-image CR studies, one association each, "
                         f"tiny model, stable_after 600 s, CR grace {GRACE_S:.0f} s")
     for column in ("backend", "latency p50", "latency p95", "model p50", "pipeline p50", "pipeline p95",
