@@ -220,3 +220,44 @@ def test_space_pass_takes_oldest_finished_first_until_twice_the_watermark(tmp_pa
     assert (data / "studies" / uids[0] / "s" / "i.dcm").exists()
     assert retention.due(settings) == "age"  # no age pass has run yet, and space is fine now
     engine.dispose()
+
+
+def test_held_and_unfinished_studies_are_never_eligible(db_url: str) -> None:
+    """Pending deliveries and open sweeps (where their tables exist) and unfinished states keep a study's files."""
+    from sqlalchemy import text
+
+    from preread.ingest.storage.retention import eligible
+    from preread.schemas.database import session_scope
+    from preread.schemas.tables import Study, utcnow
+
+    old = utcnow() - timedelta(days=90)
+    ids: dict[str, int] = {}
+    with session_scope(db_url) as session:
+        for name, state in [("receiving", "RECEIVING"), ("stable", "STABLE"), ("rendered", "RENDERED"),
+                            ("delivering", "DRAFTED"), ("swept", "EXPORTED"), ("free", "FAILED")]:
+            study = Study(study_instance_uid=generate_uid(), state=state, last_received_at=old)
+            session.add(study)
+            session.flush()
+            ids[name] = study.id
+    with session_scope(db_url) as session:
+        before = utcnow()
+        assert [i for i, _ in eligible(session, before=before)] == sorted(
+            [ids["delivering"], ids["swept"], ids["free"]])
+        swept_uid = session.get(Study, ids["swept"]).study_instance_uid  # type: ignore[union-attr]
+        session.execute(text("create table deliveries (id integer primary key, study_id integer not null, "
+                             "state varchar(16) not null)"))
+        session.execute(text("create table sweeps (id integer primary key, state varchar(16) not null)"))
+        session.execute(text("create table sweep_studies (id integer primary key, sweep_id integer not null, "
+                             "study_instance_uid varchar(64) not null)"))
+        session.execute(text("insert into deliveries (id, study_id, state) values (1, :s, 'pending'), (2, :f, 'delivered')"),
+                        dict(s=ids["delivering"], f=ids["free"]))
+        session.execute(text("insert into sweeps (id, state) values (1, 'paused')"))
+        session.execute(text("insert into sweep_studies (id, sweep_id, study_instance_uid) values (1, 1, :u)"), dict(u=swept_uid))
+    with session_scope(db_url) as session:
+        assert [i for i, _ in eligible(session, before=utcnow())] == [ids["free"]]
+        session.execute(text("update deliveries set state = 'delivered'"))
+        session.execute(text("update sweeps set state = 'done'"))
+    with session_scope(db_url) as session:
+        assert sorted(i for i, _ in eligible(session, before=utcnow())) == sorted(
+            [ids["delivering"], ids["swept"], ids["free"]])
+        assert eligible(session, before=old) == []  # none older than its last instance
