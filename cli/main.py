@@ -17,6 +17,7 @@ import typer
 
 from preread.cli.api import api
 from preread.cli.audit import audit
+from preread.cli.cleanup import cleanup
 from preread.cli.db import db_app
 from preread.cli.draft import draft
 from preread.cli.errors import DEBUG_ENV, OperatorErrorGroup
@@ -64,6 +65,7 @@ app.command("export")(export)
 app.command("api")(api)
 app.add_typer(token_app, name="token")
 app.command("audit")(audit)
+app.command("cleanup")(cleanup)
 
 
 def configure_console_logging() -> None:

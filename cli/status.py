@@ -86,3 +86,8 @@ def status() -> None:
 
     for line in sweep_status_lines(settings):  # archive sweeps (cli/sweep.py)
         console.print(line, highlight=False)
+    from preread.ingest.storage.retention import status_lines as disk_lines
+    from preread.worker.pipeline.gpus import status_lines as worker_lines
+
+    for line in worker_lines(settings.effective_database_url) + disk_lines(settings):  # workers' devices; disk, cleanup
+        console.print(line, highlight=False)

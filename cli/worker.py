@@ -16,12 +16,18 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Tasks at once (threads share one model on infer).")] = 1,
     pool: Annotated[str | None, typer.Option(help="Celery pool; default 'threads' with infer, else 'prefork'.")] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+    gpus: Annotated[str | None, typer.Option(help="'all' or GPU indices '0,1': one worker process per GPU, "
+                                             "each pinned with CUDA_VISIBLE_DEVICES, restarted if it dies.")] = None,
 ) -> None:
     """Run a worker. GPU workers serve 'infer' with one model loaded once per process."""
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(names) - set(QUEUES))
     if unknown or not names:
         raise typer.BadParameter(f"unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}")
+    if gpus is not None:  # a supervisor of one `preread worker` per GPU (worker/pipeline/gpus.py)
+        from preread.worker.pipeline.gpus import per_gpu_workers
+
+        raise typer.Exit(per_gpu_workers(gpus, names, concurrency, pool, loglevel))
     os.environ["PREREAD_WORKER_QUEUES"] = ",".join(names)
     from preread.worker.pipeline.celery_app import app
 

@@ -40,6 +40,13 @@ CONFIG_FILE_ENV = "PREREAD_CONFIG_FILE"
 
 _TRUE_WORDS = frozenset({"on", "true", "yes", "1"})
 _FALSE_WORDS = frozenset({"off", "false", "no", "0"})
+#: Grace after a released association, by modality: single-frame projections are complete when the
+#: association ends; CT and MR senders often use one association per series.
+DEFAULT_RELEASE_GRACE: dict[str, float] = {
+    "CR": 1.0, "DX": 1.0, "MG": 1.0, "RG": 1.0, "XA": 1.0, "RF": 1.0, "IO": 1.0, "PX": 1.0,
+    "CT": 10.0, "MR": 10.0,
+    "default": 5.0,
+}
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -183,6 +190,15 @@ class Settings(BaseSettings):
         "Postgres synchronous_commit=off on the listener's connections); faster ingest.",
     )
 
+    release_grace: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_RELEASE_GRACE),
+        description="Seconds after a released association before the studies it stored are STABLE, by modality "
+        "(a settings-file table, e.g. {CR = 1, CT = 10, default = 5}); more instances in that time cancel it.",
+    )
+    retention_days: int | None = Field(
+        None, gt=0, description="Days stored instances, PNGs and quarantine are kept; unset: nothing is ever deleted."
+    )
+
     # --- queue ------------------------------------------------------------------------
     longest_task: float = Field(900.0, gt=0, description="Seconds the longest task may take (an infer of a large study on CPU).")
     visibility_timeout: int | None = Field(
@@ -265,6 +281,22 @@ class Settings(BaseSettings):
         if not _DEVICE.fullmatch(value):
             raise ValueError(f"{ENV_PREFIX}DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {value!r}")
         return value
+
+    @field_validator("release_grace")
+    @classmethod
+    def _release_grace_valid(cls, value: dict[str, float]) -> dict[str, float]:
+        given = {key.strip().upper() if key.strip().lower() != "default" else "default": float(v) for key, v in value.items()}
+        table = {**DEFAULT_RELEASE_GRACE, **given}  # a file that names CT only keeps the other defaults
+        negative = sorted(key for key, v in table.items() if v < 0)
+        if negative:
+            raise ValueError(f"{ENV_PREFIX}RELEASE_GRACE: seconds must be >= 0 (see {', '.join(negative)})")
+        return table
+
+    def grace_for(self, modalities: str | None) -> float:
+        """Release grace for a study's modalities (``CT\\PR``): the longest of theirs (``default`` for one not listed)."""
+        names = [m.strip().upper() for m in (modalities or "").split("\\") if m.strip()]
+        default = self.release_grace["default"]
+        return max((self.release_grace.get(m, default) for m in names), default=default)
 
     @field_validator("think", mode="before")
     @classmethod

@@ -134,6 +134,13 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    #: When an association that stored instances of the study was last released (a completion hint) ...
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: ... and ``released_at`` plus the modality's grace: STABLE then, unless an instance arrived after the release.
+    release_hint_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: When retention cleanup removed the study's stored instances and PNGs (rows are kept), and how many bytes.
+    files_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    files_removed_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     reports: Mapped[list[Report]] = relationship(back_populates="study", cascade="all, delete-orphan")
@@ -539,3 +546,17 @@ class SweepStudy(Base):
         Index("uq_sweep_studies_sweep_study", "sweep_id", "study_instance_uid", unique=True),
         Index("ix_sweep_studies_hold", "study_instance_uid", "state"),
     )
+class CleanupRun(Base):
+    """One retention cleanup: why it ran, what it removed and what it freed (``preread status`` shows the last)."""
+
+    __tablename__ = "cleanup_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: ``age`` (the daily pass or ``preread cleanup``) or ``space`` (free space under twice the watermark).
+    reason: Mapped[str] = mapped_column(String(16))
+    studies: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    files: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    bytes_freed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    free_bytes_after: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -12,6 +12,8 @@ The monitor then publishes the rows it committed (``publish``, the outbox
 dispatcher), as the tasks do for their hand-offs, so a listener and workers
 draft every study without a coordinator; the coordinator's dispatcher and
 reconciler remain the backstop for a broker that was away.
+A released association's completion hint (:mod:`~preread.ingest.assembly.release`)
+makes a study STABLE before the idle timer, after its modality's grace.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from preread.ingest.sweep.ledger import not_held_by_sweep  # a study an open sweep holds waits for its release
@@ -47,7 +49,10 @@ def mark_stable(session: Session, stable_after: float, now: datetime | None = No
     """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=stable_after)
-    quiet = (Study.state == StudyState.RECEIVING, Study.last_received_at < cutoff, not_held_by_sweep())
+    # quiet for stable_after, or hinted complete by a released association (its grace passed, nothing since:
+    # see ingest/assembly/release.py); never while an open sweep holds it
+    hinted = and_(Study.release_hint_at <= now, Study.last_received_at <= Study.released_at)
+    quiet = (Study.state == StudyState.RECEIVING, or_(Study.last_received_at < cutoff, hinted), not_held_by_sweep())
     # A read first: SQLite takes its write lock only when there is work.
     if session.execute(select(Study.id).where(*quiet).limit(1)).first() is None:
         return []
@@ -84,13 +89,13 @@ def run_once(url: str, stable_after: float) -> list[int]:
     with session_scope(url) as session:
         ids = mark_stable(session, stable_after)
     for study_id in ids:
-        LOGGER.info("study %d is STABLE (quiet for %.0f s), queued for %s", study_id, stable_after, RENDER_TOPIC)
+        LOGGER.info("study %d is STABLE (quiet for %.0f s or released), queued for %s", study_id, stable_after, RENDER_TOPIC)
     return ids
 
 
 def default_interval(stable_after: float) -> float:
-    """How often to look: a tenth of ``stable_after``, between 0.1 and 2 seconds."""
-    return min(max(stable_after / 10.0, 0.1), 2.0)
+    """How often to look: a tenth of ``stable_after``, between 0.1 and 0.5 seconds (a release hint's grace may be 1 s)."""
+    return min(max(stable_after / 10.0, 0.1), 0.5)
 
 
 class StabilityMonitor:

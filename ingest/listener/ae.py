@@ -42,6 +42,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from preread.ingest.assembly import release
 from preread.ingest.assembly.index import InstanceIndex
 from preread.ingest.assembly.stability import StabilityMonitor
 from preread.ingest.listener import access, gate, handlers, transport
@@ -100,6 +101,8 @@ def event_handlers(ctx: IngestContext, settings: Settings) -> list[Any]:
         (evt.EVT_N_EVENT_REPORT, handle_n_event_report, [settings]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted),
         (evt.EVT_CONN_CLOSE, handlers.handle_closed),
+        (evt.EVT_RELEASED, release.handle_released, [ctx.index.engine, settings]),
+        (evt.EVT_ABORTED, release.handle_aborted),
     ]
 
 

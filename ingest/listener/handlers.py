@@ -25,6 +25,7 @@ from pydicom import dcmread
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
+from preread.ingest.assembly import release
 from preread.ingest.assembly.catalog import InvalidIdentity, identity_of, uid_value
 from preread.ingest.assembly.index import InstanceIndex
 from preread.ingest.listener import transport
@@ -160,6 +161,7 @@ def _store(event: Event, ctx: IngestContext, view: memoryview, started: float, c
                      ident.sop_instance_uid, type(exc).__name__)
         return StoreStatus.OUT_OF_RESOURCES_NOT_STORED
 
+    release.note_stored(event.assoc, ident.study_uid)  # a clean release then hints the study complete
     LOGGER.debug(
         "stored %s (study %s, SOP class %s, %d bytes, %s, from %s%s%s) in %.1f ms",
         ident.sop_instance_uid, ident.study_uid, sop_class, stored.size, transfer_syntax, calling_ae,

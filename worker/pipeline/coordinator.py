@@ -1,4 +1,4 @@
-"""The coordinator loop: stability monitor, outbox dispatcher and reconciler on one timer."""
+"""The coordinator loop: stability monitor, outbox dispatcher, reconciler and retention cleanup on one timer."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def coordinate_once(settings: Settings, app: Celery, pass_no: int = 0) -> int:
     done += run_sweeps_once(settings)  # archive sweeps (ingest/sweep/runner.py)
     if pass_no % RECONCILE_EVERY == 0:
         done += reconcile_once(settings)
+        if settings.retention_days is not None:  # daily, and whenever free space is under twice the watermark
+            from preread.ingest.storage.retention import run_if_due
+
+            run_if_due(settings)
     # Results-out hook (worker/exporters, issue 14): plan deliveries of new reports and start
     # sending what is due, one thread per destination; returns without waiting for them.
     if settings.export_enabled:

@@ -20,7 +20,9 @@ from sqlalchemy.orm import Session
 if TYPE_CHECKING:  # the engine imports torch: only the step that needs it imports it
     from preread.worker.inference.engine import Engine, StudyContext
 
+from preread.ingest.storage.retention import FilesRemoved, check_files_present
 from preread.schemas.database import session_scope
+from preread.worker.pipeline.gpus import DRAFTS
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Image, Instance, Outbox, Report, Series, Study, StudyState, utcnow
 
@@ -110,6 +112,10 @@ def render_step(settings: Settings, study_id: int, *, handoff: str | None = "inf
     with session_scope(url) as session:
         study = study_in_state(session, study_id, RENDERABLE)
         files = study_files(session, study_id)
+        try:
+            check_files_present(session, study_id, files)
+        except FilesRemoved as exc:
+            raise BadInput(str(exc)) from None
         study_uid = study.study_instance_uid
         priority = study.priority
     if not files:
@@ -184,6 +190,7 @@ def infer_step(settings: Settings, study_id: int, engine: Engine, *, handoff: st
         save_probes(session, study_id, probes, draft.model_id)
         save_draft(session, study_id, draft)
         session.execute(update(Study).where(Study.id == study_id).values(urgency=str(urgency), priority=max(requested_rank, urgency.rank)))
+    DRAFTS.record()  # drafts per minute in this worker's heartbeat (worker/pipeline/gpus.py)
     log.info(
         "study %s drafted: parse=%s urgency=%s tokens=%s",
         study_uid,

@@ -1,0 +1,82 @@
+"""The end of an association as a completion hint.
+
+A sender that releases an association cleanly has, as far as it knows, sent what
+it had. For each study that association stored instances of, the release sets
+``studies.released_at`` and ``release_hint_at = released_at + grace`` (the
+``release_grace`` setting, by modality: a single-frame projection is complete at
+once, CT and MR senders often use one association per series). The stability
+monitor (:func:`~preread.ingest.assembly.stability.mark_stable`) then makes the
+study STABLE once the hint time has passed, unless an instance arrived after the
+release (or an open sweep owns the study); the idle timer stays the fallback for
+senders that keep associations open. An aborted association gives no hint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from datetime import timedelta
+from typing import Any
+
+from pynetdicom.events import Event
+from sqlalchemy import Engine, select, update
+
+from preread.schemas.settings import Settings
+from preread.schemas.tables import Study, StudyState, utcnow
+
+LOGGER = logging.getLogger("preread.ingest.release")
+
+_stored: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def note_stored(assoc: Any, study_uid: str) -> None:
+    """Remember that ``assoc`` stored an instance of ``study_uid`` (called by the C-STORE handler)."""
+    with _lock:
+        _stored.setdefault(assoc, set()).add(study_uid)
+
+
+def take_stored(assoc: Any) -> set[str]:
+    """The study UIDs ``assoc`` stored instances of, forgotten as they are taken."""
+    with _lock:
+        return _stored.pop(assoc, set())
+
+
+def hint_released(engine: Engine, settings: Settings, study_uids: set[str]) -> int:
+    """Set the release hint on those of ``study_uids`` still RECEIVING; returns how many."""
+    if not study_uids:
+        return 0
+    now = utcnow()
+    hinted = 0
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(Study.id, Study.modalities)
+            .where(Study.study_instance_uid.in_(sorted(study_uids)), Study.state == StudyState.RECEIVING)
+        ).all()
+        for row in rows:
+            grace = settings.grace_for(row.modalities)
+            conn.execute(
+                update(Study)
+                .where(Study.id == row.id, Study.state == StudyState.RECEIVING)
+                .values(released_at=now, release_hint_at=now + timedelta(seconds=grace))
+            )
+            hinted += 1
+    return hinted
+
+
+def handle_released(event: Event, engine: Engine, settings: Settings) -> None:
+    """``evt.EVT_RELEASED``: the studies this association stored are complete after their grace."""
+    uids = take_stored(event.assoc)
+    try:
+        count = hint_released(engine, settings, uids)
+    except Exception as exc:  # the idle timer is the fallback: a failed hint only delays
+        LOGGER.warning("release hint not recorded (%d studies): %s", len(uids), type(exc).__name__)
+        return
+    if count:
+        LOGGER.debug("association released: %d studies complete after their grace", count)
+
+
+def handle_aborted(event: Event) -> None:
+    """``evt.EVT_ABORTED``: no hint; forget what the association stored."""
+    take_stored(event.assoc)
