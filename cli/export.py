@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from preread.schemas.settings import get_settings
+if TYPE_CHECKING:
+    from preread.schemas.settings import Settings
+
+
+def _settings() -> Settings:
+    """The settings, imported when a command runs (``preread --help`` loads no settings machinery)."""
+    from preread.schemas.settings import get_settings
+
+    return get_settings()
+
 
 ERR = Console(stderr=True)
 
@@ -28,7 +37,7 @@ def export(
     from preread.worker.exporters.deliveries import deliver_due, plan, resend
     from preread.worker.exporters.destinations import DestinationError, destinations_from_settings
 
-    settings = get_settings()
+    settings = _settings()
     try:
         destinations = destinations_from_settings(settings)
     except DestinationError as exc:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import time
 from datetime import date, datetime, timedelta
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from preread.schemas.settings import get_settings
+if TYPE_CHECKING:
+    from preread.schemas.settings import Settings
+
+
+def _settings() -> Settings:
+    """The settings, imported when a command runs (``preread --help`` loads no settings machinery)."""
+    from preread.schemas.settings import get_settings
+
+    return get_settings()
+
 
 sweep_app = typer.Typer(no_args_is_help=True, help="Archive sweeps: draft a PACS's, DICOMweb server's or folder's past studies.")
 
@@ -34,7 +43,7 @@ def _day(value: str, option: str) -> date:
 def _url() -> str:
     from preread.schemas.database import upgrade
 
-    url = get_settings().effective_database_url
+    url = _settings().effective_database_url
     upgrade(url)
     return url
 
@@ -60,7 +69,7 @@ def sweep_lines(url: str) -> list[str]:
 
 def status_lines(settings: object | None = None) -> list[str]:
     """The sweep lines of ``preread status`` (empty when there are no sweeps)."""
-    settings = settings or get_settings()
+    settings = settings or _settings()
     return sweep_lines(settings.effective_database_url)  # type: ignore[attr-defined]
 
 
@@ -71,7 +80,7 @@ def _dry_run(source_name: str, start: date, end: date, modalities: list[str], fo
     from preread.ingest.sweep.sources import SourceError, find_source, load_sources
     from preread.schemas.database import session_scope
 
-    settings = get_settings()
+    settings = _settings()
     try:
         source = find_source(load_sources(settings), source_name)
     except SourceError as exc:
@@ -103,7 +112,7 @@ def _no_store():  # type: ignore[no-untyped-def]
     """An ingest context for the query clients of a dry run (nothing is stored)."""
     from preread.ingest.sweep.store import ingest_context
 
-    return ingest_context(get_settings())
+    return ingest_context(_settings())
 
 
 def _follow(url: str, sweep_id: int) -> str:
@@ -161,7 +170,7 @@ def run(
     if end < start:
         _fail(f"--to {end} is before --from {start}")
     try:
-        find_source(load_sources(get_settings()), source)
+        find_source(load_sources(_settings()), source)
     except SourceError as exc:
         _fail(str(exc))
     modalities = modality_list(modality)

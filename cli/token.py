@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from preread.schemas.tables import ApiRole
+from preread.schemas.roles import ApiRole
 
 token_app = typer.Typer(no_args_is_help=True, help="API tokens for the reading queue (only hashes are stored).")
 

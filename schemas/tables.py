@@ -30,6 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from preread.schemas.roles import ApiRole  # noqa: F401  (re-exported: the tables' enums in one place)
+
 #: A DICOM UID is at most 64 characters.
 UID = String(64)
 
@@ -411,15 +413,6 @@ class Heartbeat(Base):
         Index("uq_heartbeats_process", "role", "host", "pid", unique=True),
         Index("ix_heartbeats_last_seen", "last_seen"),
     )
-
-
-class ApiRole(enum.StrEnum):
-    """What an API token may do: read the queue, answer it, administer, or scrape health and metrics."""
-
-    READ = "read"
-    WRITE = "write"
-    ADMIN = "admin"
-    WORKER = "worker"
 
 
 class ApiToken(Base):
