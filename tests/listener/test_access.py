@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import ssl
-import subprocess
 import threading
 from collections import Counter
 from pathlib import Path
@@ -16,6 +15,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from preread.ingest.listener.access import is_allowed, parse_allowlist
 from tests.conftest import testdata
+from tests.support.pki import make_pki
 from tests.support.listener import (
     clone_series,
     echo,
@@ -66,25 +66,10 @@ def test_unknown_calling_ae_rejected_at_association(listener_factory, tmp_path: 
     assert "rejected: calling AE not allowed (calling AE BADSCU," in lp.log()
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> Path:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
-    d = tmp_path / "pki"
-    d.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=preread test CA", cwd=d)
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    return d
+    return make_pki(tmp_path / "pki")
 
 
 def _client_context(pki: Path, with_cert: bool = True) -> ssl.SSLContext:
