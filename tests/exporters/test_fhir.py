@@ -121,3 +121,25 @@ def test_delivery_summary_per_destination(pg_url: str, tmp_path: Path) -> None:
     with session_scope(pg_url) as session:
         assert summary(session) == [("ehr", "pending", 2), ("files", "delivered", 2)]
         assert summary(session, study_id) == [("ehr", "pending", 1), ("files", "delivered", 1)]
+
+
+def test_study_without_patient_id_is_delivered_without_a_subject(pg_url: str, tmp_path: Path) -> None:
+    """A study with no Patient ID still reaches the EHR (matched by study and accession), never retried for ever."""
+    from sqlalchemy import update
+
+    study_id, study_uid = drafted_study(pg_url, tmp_path / "src")
+    with session_scope(pg_url) as session:
+        session.execute(update(Study).where(Study.id == study_id).values(patient_id=None))
+    with Recorder() as server:
+        settings = Settings(database_url=pg_url, data_dir=tmp_path / "data", patient_id_system=MRN_SYSTEM,
+                            destinations=[{"name": "ehr", "kind": "fhir", "url": server.url + "/fhir"}])
+        deliver_due(settings, wait=True)
+    [(_, _, body)] = server.received
+    bundle = json.loads(body)
+    Bundle.model_validate(bundle)
+    [report] = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    assert "subject" not in report
+    assert report["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{study_uid}"
+    with session_scope(pg_url) as session:
+        [row] = session.scalars(select(Delivery)).all()
+        assert row.state == DeliveryState.DELIVERED

@@ -67,8 +67,14 @@ def _meta() -> dict[str, Any]:
     return {"security": [dict(AI_ASSERTED)]}
 
 
-def patient_reference(ctx: ExportContext, settings: Settings) -> dict[str, Any]:
-    """The patient by identifier (system from ``PREREAD_PATIENT_ID_SYSTEM``), as the receiving EHR matches it."""
+def patient_reference(ctx: ExportContext, settings: Settings) -> dict[str, Any] | None:
+    """The patient by identifier (system from ``PREREAD_PATIENT_ID_SYSTEM``), as the receiving EHR matches it.
+
+    ``None`` for a study without a Patient ID: ``subject`` is optional in every FHIR release, and the
+    EHR still matches the report by the study's identifier and accession number.
+    """
+    if not (ctx.patient_id or "").strip():
+        return None
     identifier: dict[str, str] = {"value": ctx.patient_id or ""}
     if settings.patient_id_system:
         identifier["system"] = settings.patient_id_system
@@ -121,7 +127,7 @@ def build_bundle(ctx: ExportContext, settings: Settings, now: datetime | None = 
             "status": "preliminary",
             "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging"}]}],
             "code": {"coding": [_coding(probe.concept)], "text": probe.question},
-            "subject": subject,
+            **({"subject": subject} if subject else {}),
             "issued": issued,
             "device": device_ref,
             "valueQuantity": {"value": round(probe.score, 6), "unit": "probability", "system": UCUM, "code": "1"},
@@ -141,7 +147,7 @@ def build_bundle(ctx: ExportContext, settings: Settings, now: datetime | None = 
             "status": "preliminary",
             "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging"}]}],
             "code": {"coding": [{"system": LOINC, "code": "59776-5", "display": "Procedure findings"}], "text": "Finding"},
-            "subject": subject,
+            **({"subject": subject} if subject else {}),
             "issued": issued,
             "device": device_ref,
             "valueString": finding.text,
@@ -162,7 +168,7 @@ def build_bundle(ctx: ExportContext, settings: Settings, now: datetime | None = 
         "category": [{"coding": [{"system": DIAGNOSTIC_SERVICE, "code": "RAD", "display": "Radiology"}]}],
         "code": {"coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}],
                  "text": ctx.study_description or "Imaging study"},
-        "subject": subject,
+        **({"subject": subject} if subject else {}),
         "issued": issued,
         ("study" if r5 else "imagingStudy"): [{"type": "ImagingStudy",
                                                "identifier": {"system": DICOM_UID_SYSTEM, "value": _oid(ctx.study_instance_uid)}}],
