@@ -144,7 +144,9 @@ class Listener:
                                       settings.ae_title, self.ctx.storage_dir, settings.min_free_bytes)
         self.door = gate.Door(settings.max_connections_per_address, transport.MAX_WAITING, MAX_ASSOCIATIONS)
         self.ae = build_ae(settings.ae_title)
-        self.monitor = StabilityMonitor(url, settings.stable_after) if monitor else None
+        from preread.worker.pipeline.outbox import OutboxPublisher  # publishes what the monitor commits
+
+        self.monitor = StabilityMonitor(url, settings.stable_after, publish=OutboxPublisher(settings)) if monitor else None
         self.server: transport.ListenerServer | None = None
         self._thread: threading.Thread | None = None
 
