@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 from pydicom.uid import generate_uid
-from sqlalchemy import text
 
 from preread.ingest.assembly.stability import mark_stable
 from preread.schemas.database import session_scope
@@ -40,18 +39,23 @@ def test_hint_flips_only_a_study_quiet_since_its_release(db_url: str) -> None:
 
 
 def test_hint_leaves_a_study_an_open_sweep_owns(db_url: str) -> None:
-    """Where the sweep tables exist (another stage's migration), an open sweep's study waits for the idle timer."""
+    """A study a sweep still retrieves waits for the sweep's release, hint or not."""
+    from datetime import date
+
+    from sqlalchemy import update
+
+    from preread.schemas.tables import Sweep, SweepState, SweepStudy, SweepStudyState
+
     hinted = _study(db_url, released_ago=2, hint_ago=1, received_ago=2.5)
     with session_scope(db_url) as session:
         uid = session.get(Study, hinted).study_instance_uid  # type: ignore[union-attr]
-        session.execute(text("create table sweeps (id integer primary key, state varchar(16) not null)"))
-        session.execute(text("create table sweep_studies (id integer primary key, sweep_id integer not null, "
-                             "study_instance_uid varchar(64) not null)"))
-        session.execute(text("insert into sweeps (id, state) values (1, 'running'), (2, 'done')"))
-        session.execute(text("insert into sweep_studies (id, sweep_id, study_instance_uid) values (1, 1, :u)"), dict(u=uid))
+        sweep = Sweep(source="pacs", date_from=date(2026, 11, 1), date_to=date(2026, 11, 2), state=SweepState.RUNNING)
+        session.add(sweep)
+        session.flush()
+        session.add(SweepStudy(sweep_id=sweep.id, study_instance_uid=uid, state=SweepStudyState.RETRIEVING))
     with session_scope(db_url) as session:
         assert mark_stable(session, stable_after=600) == []
     with session_scope(db_url) as session:
-        session.execute(text("update sweeps set state = 'done' where id = 1"))
+        session.execute(update(SweepStudy).where(SweepStudy.study_instance_uid == uid).values(state=SweepStudyState.RELEASED))
     with session_scope(db_url) as session:
         assert mark_stable(session, stable_after=600) == [hinted]

@@ -127,8 +127,7 @@ def _finish_study(session: Session, study_id: int) -> None:
     """EXPORTED once every delivery of the study's current report has finished."""
     from preread.worker.pipeline.stages import EXPORTABLE, set_state
 
-    # Lock the study (Postgres) so two destinations finishing at once cannot both see the other open.
-    session.execute(select(Study.id).where(Study.id == study_id).with_for_update())
+    _lock_study(session, study_id)  # taken first by the caller already; a no-op then
     open_rows = session.execute(
         select(Delivery.id)
         .join(Report, Report.id == Delivery.report_id)
@@ -139,9 +138,20 @@ def _finish_study(session: Session, study_id: int) -> None:
         set_state(session, study_id, StudyState.EXPORTED, expect=EXPORTABLE)
 
 
+def _lock_study(session: Session, study_id: int) -> None:
+    """Lock the study row (Postgres) before any delivery row: one lock order for every recording transaction.
+
+    Two destinations finishing at once then cannot both see the other open, and
+    a destination's thread recording one row while another claims the next
+    cannot deadlock on study and delivery rows taken in opposite orders.
+    """
+    session.execute(select(Study.id).where(Study.id == study_id).with_for_update())
+
+
 def _record_success(settings: Settings, delivery_id: int, study_id: int, commitment_uid: str | None) -> None:
     now = utcnow()
     with session_scope(settings.effective_database_url) as session:
+        _lock_study(session, study_id)
         # A commitment report may already have confirmed the row (it can beat this write): keep that.
         session.execute(
             update(Delivery).where(Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING).values(
@@ -159,6 +169,7 @@ def _record_failure(settings: Settings, dest: Destination, delivery_id: int, stu
     """Count the failure; back off this row and every other due row of the destination, or give up."""
     now = utcnow()
     with session_scope(settings.effective_database_url) as session:
+        _lock_study(session, study_id)
         row = session.get(Delivery, delivery_id)
         if row is None:
             return
@@ -176,11 +187,15 @@ def _record_failure(settings: Settings, dest: Destination, delivery_id: int, stu
             row.last_error = error[:2000]
             log.warning("delivery %s of study %s to %r: %s; next attempt in %.0fs", delivery_id, study_id, dest.name, error, wait)
             # the destination is down for every row, not just this one
-            session.execute(
-                update(Delivery)
+            # (rows another transaction holds, e.g. the next one being claimed, are skipped, not waited for)
+            others = (
+                select(Delivery.id)
                 .where(Delivery.destination == dest.name, Delivery.id != delivery_id,
                        Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at < row.next_attempt_at)
-                .values(next_attempt_at=row.next_attempt_at)
+                .with_for_update(skip_locked=True)
+            )
+            session.execute(
+                update(Delivery).where(Delivery.id.in_(others)).values(next_attempt_at=row.next_attempt_at)
             )
         row.attempts = attempts
         row.updated_at = now
