@@ -21,7 +21,7 @@ from preread.worker.pipeline.gpus import (
 from tests.pipeline.test_queue import redis_server  # noqa: F401  (the fixture)
 from tests.support.procs import RedisServer, base_env, preread_argv, wait_until
 
-MODEL_LOADED = "model loaded for the infer queue"
+MODEL_LOADED = "preread.worker.inference.model: loaded model "  # model.py logs one line per load
 
 
 def _environ(pid: int) -> dict[str, str]:
