@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.support.listener import ROOT, clone_series, make_listener, needs_dcmtk, storescu
+from tests.support.listener import ROOT, clone_series, make_listener, needs_dcmtk, storescu, wait_for
 from tests.support.studies import testdata
 from tests.support.synthetic import ct_series, projection, save
 
@@ -109,14 +109,17 @@ def test_cleanup_removes_exactly_old_files_keeps_rows_and_frees_the_listener(tmp
     before = {uid: files_of(uid) for uid in (old_uid, new_uid, busy_uid)}
     assert len(before[old_uid]) == 41 and before[new_uid] and before[busy_uid]
 
-    # the listener now starts below its watermark (which the old study's files hold up): 0xA700
+    # the listener now starts below its watermark (which the old study's files hold up): it refuses every
+    # new association (local limit exceeded), C-ECHO too, so it is "up" once it logs that it listens
     watermark = _free(tmpfs) + 4 * MiB
     lp.env.update(PREREAD_MIN_FREE_BYTES=str(watermark))
-    lp.start()
+    started_before = lp.log().count("listening as")
+    lp.start(wait=False)
+    wait_for(lambda: lp.alive() and lp.log().count("listening as") > started_before, timeout=60, what="listener up")
     probe_files = clone_series(testdata("CT_small.dcm"), tmp_path / "probe", 1)
     try:
-        storescu(lp.port, probe_files)
-        assert "0xA700" in lp.log()
+        assert storescu(lp.port, probe_files).returncode != 0
+        assert "free space below watermark" in lp.log()
         probe_sop = _sop(probe_files[0])
         assert lp.query("select count(*) from instances where sop_instance_uid = :u", u=probe_sop)[0][0] == 0
 
@@ -223,12 +226,22 @@ def test_space_pass_takes_oldest_finished_first_until_twice_the_watermark(tmp_pa
 
 
 def test_held_and_unfinished_studies_are_never_eligible(db_url: str) -> None:
-    """Pending deliveries and open sweeps (where their tables exist) and unfinished states keep a study's files."""
-    from sqlalchemy import text
+    """Pending deliveries, open sweeps and unfinished states keep a study's files."""
+    from sqlalchemy import update
 
     from preread.ingest.storage.retention import eligible
     from preread.schemas.database import session_scope
-    from preread.schemas.tables import Study, utcnow
+    from preread.schemas.tables import (
+        Delivery,
+        DeliveryState,
+        Report,
+        Study,
+        Sweep,
+        SweepState,
+        SweepStudy,
+        SweepStudyState,
+        utcnow,
+    )
 
     old = utcnow() - timedelta(days=90)
     ids: dict[str, int] = {}
@@ -244,19 +257,25 @@ def test_held_and_unfinished_studies_are_never_eligible(db_url: str) -> None:
         assert [i for i, _ in eligible(session, before=before)] == sorted(
             [ids["delivering"], ids["swept"], ids["free"]])
         swept_uid = session.get(Study, ids["swept"]).study_instance_uid  # type: ignore[union-attr]
-        session.execute(text("create table deliveries (id integer primary key, study_id integer not null, "
-                             "state varchar(16) not null)"))
-        session.execute(text("create table sweeps (id integer primary key, state varchar(16) not null)"))
-        session.execute(text("create table sweep_studies (id integer primary key, sweep_id integer not null, "
-                             "study_instance_uid varchar(64) not null)"))
-        session.execute(text("insert into deliveries (id, study_id, state) values (1, :s, 'pending'), (2, :f, 'delivered')"),
-                        dict(s=ids["delivering"], f=ids["free"]))
-        session.execute(text("insert into sweeps (id, state) values (1, 'paused')"))
-        session.execute(text("insert into sweep_studies (id, sweep_id, study_instance_uid) values (1, 1, :u)"), dict(u=swept_uid))
+        reports = {}
+        for name in ("delivering", "free"):
+            report = Report(study_id=ids[name], current=True, raw_output="{}", parse_status="ok", model_id="m",
+                            prompt_version="v1")
+            session.add(report)
+            session.flush()
+            reports[name] = report.id
+        session.add(Delivery(report_id=reports["delivering"], study_id=ids["delivering"], destination="pacs",
+                             kind="dicom", state=DeliveryState.PENDING))
+        session.add(Delivery(report_id=reports["free"], study_id=ids["free"], destination="pacs", kind="dicom",
+                             state=DeliveryState.DELIVERED))
+        sweep = Sweep(source="pacs", date_from=old.date(), date_to=old.date(), state=SweepState.PAUSED)
+        session.add(sweep)
+        session.flush()
+        session.add(SweepStudy(sweep_id=sweep.id, study_instance_uid=swept_uid, state=SweepStudyState.RELEASED))
     with session_scope(db_url) as session:
         assert [i for i, _ in eligible(session, before=utcnow())] == [ids["free"]]
-        session.execute(text("update deliveries set state = 'delivered'"))
-        session.execute(text("update sweeps set state = 'done'"))
+        session.execute(update(Delivery).values(state=DeliveryState.DELIVERED))
+        session.execute(update(Sweep).values(state=SweepState.DONE))
     with session_scope(db_url) as session:
         assert sorted(i for i, _ in eligible(session, before=utcnow())) == sorted(
             [ids["delivering"], ids["swept"], ids["free"]])
