@@ -2,57 +2,34 @@
 
 Retention must not remove a study whose results are still going out, and neither
 retention nor the release hint may touch a study an open sweep is still retrieving.
-The ``deliveries`` and ``sweep_studies`` tables belong to other stages and may not
-exist in every deployment's schema yet, so each hold is a SQL condition that is
-added only when its table is there (looked up once per database; a table, once
-present, stays).
+Each hold is a condition on ``studies`` that a query adds to its WHERE clause.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import TextClause, inspect, text
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, exists, select
+
+from preread.schemas.tables import Delivery, DeliveryState, Study, Sweep, SweepState, SweepStudy
 
 #: Delivery states in which a study's result is still on its way out.
-PENDING_DELIVERY_STATES = ("pending", "sending", "unconfirmed")
+PENDING_DELIVERY_STATES = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.UNCONFIRMED)
 #: Sweep states in which a sweep still owns the studies it found.
-OPEN_SWEEP_STATES = ("queued", "running", "paused")
-
-_present: set[tuple[str, str]] = set()
+OPEN_SWEEP_STATES = (SweepState.QUEUED, SweepState.RUNNING, SweepState.PAUSED)
 
 
-def has_table(session: Session, name: str) -> bool:
-    """Whether the database of ``session`` has table ``name`` (a positive answer is remembered)."""
-    bind = session.get_bind()
-    key = (str(bind.engine.url), name)
-    if key in _present:
-        return True
-    found = inspect(session.connection()).has_table(name)
-    if found:
-        _present.add(key)
-    return found
+def not_delivering() -> list[ColumnElement[bool]]:
+    """Conditions on ``studies`` excluding a study with a delivery still pending."""
+    pending = select(Delivery.id).where(
+        Delivery.study_id == Study.id, Delivery.state.in_([str(s) for s in PENDING_DELIVERY_STATES]))
+    return [~exists(pending)]
 
 
-def _in_list(values: tuple[str, ...]) -> str:
-    return ", ".join(f"'{value}'" for value in values)  # fixed enum words above, never user input
-
-
-def not_delivering(session: Session) -> list[TextClause]:
-    """Conditions on ``studies`` excluding a study with a delivery still pending (none without the table)."""
-    if not has_table(session, "deliveries"):
-        return []
-    return [text(
-        "NOT EXISTS (SELECT 1 FROM deliveries WHERE deliveries.study_id = studies.id "
-        f"AND deliveries.state IN ({_in_list(PENDING_DELIVERY_STATES)}))"
-    )]
-
-
-def not_in_open_sweep(session: Session) -> list[TextClause]:
-    """Conditions on ``studies`` excluding a study an open sweep owns (none without the tables)."""
-    if not (has_table(session, "sweep_studies") and has_table(session, "sweeps")):
-        return []
-    return [text(
-        "NOT EXISTS (SELECT 1 FROM sweep_studies JOIN sweeps ON sweeps.id = sweep_studies.sweep_id "
-        "WHERE sweep_studies.study_instance_uid = studies.study_instance_uid "
-        f"AND sweeps.state IN ({_in_list(OPEN_SWEEP_STATES)}))"
-    )]
+def not_in_open_sweep() -> list[ColumnElement[bool]]:
+    """Conditions on ``studies`` excluding a study an open sweep owns."""
+    owned = (
+        select(SweepStudy.id)
+        .join(Sweep, Sweep.id == SweepStudy.sweep_id)
+        .where(SweepStudy.study_instance_uid == Study.study_instance_uid,
+               Sweep.state.in_([str(s) for s in OPEN_SWEEP_STATES]))
+    )
+    return [~exists(owned)]

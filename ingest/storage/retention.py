@@ -137,8 +137,8 @@ def eligible(session: Session, *, before: datetime | None, limit: int = 100) -> 
         .where(
             Study.state.in_([str(s) for s in FINISHED]),
             or_(Study.files_removed_at.is_(None), Study.last_received_at > Study.files_removed_at),
-            *not_delivering(session),
-            *not_in_open_sweep(session),
+            *not_delivering(),
+            *not_in_open_sweep(),
         )
         .order_by(Study.last_received_at, Study.id)
         .limit(limit)
@@ -153,7 +153,7 @@ def _claim(session: Session, study_id: int, now: datetime) -> bool:
     changed = cast(CursorResult[Any], session.execute(
         update(Study)
         .where(Study.id == study_id, Study.state.in_([str(s) for s in FINISHED]),
-               *not_delivering(session), *not_in_open_sweep(session))
+               *not_delivering(), *not_in_open_sweep())
         .values(files_removed_at=now, files_removed_bytes=0)
         .execution_options(synchronize_session=False)
     )).rowcount
