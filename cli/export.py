@@ -68,7 +68,7 @@ def export(
             # ... and the chosen destinations a row where a report has none (one configured later).
             planned += plan(session, chosen, fill_missing=True, study_ids=ids)
             reset = resend(session, study_ids=ids, destination=destination)
-        deliver_due(settings, wait=True)
+        deliver_due(settings, wait=True, only=destination)
         with session_scope(settings.effective_database_url) as session:
             rows = session.execute(
                 select(Study.study_instance_uid, Delivery.destination, Delivery.state, Delivery.attempts, Delivery.last_error)

@@ -6,10 +6,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from preread.schemas.database import session_scope
-from preread.schemas.tables import Delivery, DeliveryState
+from preread.schemas.tables import Delivery, DeliveryState, utcnow
 from tests.support.drafted import Recorder, drafted_study
 from tests.support.procs import base_env, preread_argv
 
@@ -30,10 +30,21 @@ def test_export_sends_again_and_names_a_wrong_destination(pg_url: str, tmp_path:
         assert result.returncode == 0, result.stderr
         assert len(ehr.received) == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
             [f"{first}.sr.dcm", f"{second}.sr.dcm"])
+        # A files delivery due now stays for the coordinator when another destination is named.
+        (tmp_path / "out" / f"{second}.sr.dcm").unlink()
+        with session_scope(pg_url) as session:
+            session.execute(update(Delivery).where(Delivery.destination == "files")
+                            .values(state=DeliveryState.PENDING, next_attempt_at=utcnow()))
         again = _export(first, "--destination", "ehr", **settings)
         assert again.returncode == 0, again.stderr
         assert len(ehr.received) == 3, "only the named study, only to the named destination"
         assert first in json.loads(ehr.received[-1][2])["entry"][-2]["resource"]["imagingStudy"][0]["identifier"]["value"]
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{first}.sr.dcm"], \
+            "--destination ehr sent nothing to the files destination"
+        files_again = _export("--destination", "files", **settings)
+        assert files_again.returncode == 0, files_again.stderr
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([f"{first}.sr.dcm", f"{second}.sr.dcm"])
+        assert len(ehr.received) == 3
         wrong = _export("--destination", "pacs", **settings)
     assert wrong.returncode == 2
     assert "no destination named 'pacs'" in wrong.stderr and "ehr, files" in wrong.stderr and "Traceback" not in wrong.stderr

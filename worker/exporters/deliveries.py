@@ -340,10 +340,12 @@ def _expire_unconfirmed(session: Session, settings: Settings) -> None:
     )
 
 
-def deliver_due(settings: Settings, *, wait: bool = False) -> int:
+def deliver_due(settings: Settings, *, wait: bool = False, only: str | None = None) -> int:
     """Coordinator hook: plan new rows and start sending what is due, one thread per destination.
 
-    Returns the rows planned plus, with ``wait=True``, the rows delivered in this call.
+    ``only`` names the one destination to send to (``preread export --destination``); rows of the
+    others stay due for the coordinator. Returns the rows planned plus, with ``wait=True``, the rows
+    delivered in this call.
     """
     destinations = destinations_from_settings(settings)
     if not destinations:
@@ -353,6 +355,8 @@ def deliver_due(settings: Settings, *, wait: bool = False) -> int:
         _expire_unconfirmed(session, settings)
     with session_scope(settings.effective_database_url) as session:
         due_names = set(session.execute(select(Delivery.destination).where(_due(utcnow())).distinct()).scalars())
+    if only is not None:
+        due_names &= {only}
     futures = [f for d in destinations if d.name in due_names if (f := _SENDERS.submit(settings, d)) is not None]
     if not wait:
         return planned
