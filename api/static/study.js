@@ -55,6 +55,12 @@ function render(s) {
   document.getElementById("answers").replaceChildren(...(s.feedback.length ? s.feedback.map((f) =>
     el("li", {}, el("span", { class: "verdict " + f.verdict }, f.verdict), ` by ${f.token_name}, ${new Date(f.created_at).toLocaleString()}`,
       f.text ? el("div", { class: "feedback-text" }, f.text) : null)) : [el("li", {}, "none yet")]));
+  document.getElementById("deliveries").replaceChildren(...(s.deliveries.length ? s.deliveries.map((d) =>
+    el("li", { class: "delivery " + d.state, "data-destination": d.destination },
+      el("span", { class: "delivery-name" }, `${d.destination} (${d.kind})`), " · ", el("span", { class: "delivery-state" }, d.state),
+      d.sent_at ? ` · ${fmtTime(d.sent_at)}` : "", d.attempts > 1 ? ` · ${d.attempts} attempts` : "",
+      d.last_error && d.state !== "delivered" ? el("div", { class: "error" }, d.last_error) : null))
+    : [el("li", {}, report ? "not sent anywhere (no destination configured)" : "nothing to send yet")]));
   const labels = document.getElementById("labels");
   labels.replaceChildren(el("legend", {}, "Probe labels (what the images show)"), ...s.probes.map((p) =>
     el("label", { class: "label-choice" }, p.condition.replace(/_/g, " "), " ",

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from sqlalchemy import select
+
+from preread.schemas.database import session_scope
+from preread.schemas.tables import Delivery, DeliveryState, Report, Study
 from tests.api.conftest import Stack
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -79,6 +83,13 @@ def test_read_and_answer_a_draft(stack: Stack, page, tmp_path: Path) -> None:  #
     forged = page.request.post(f"{stack.url}/api/v1/studies/{uid}/feedback", data={"verdict": "accept"})
     assert forged.status == 403
 
+    # The PACS refused the SR: the reader sees it beside the draft (the delivery rows are the exporters').
+    with session_scope(stack.db_url) as session:
+        report = session.execute(select(Report.id, Report.study_id).join(Study, Study.id == Report.study_id)
+                                 .where(Study.study_instance_uid == uid, Report.current.is_(True))).one()
+        session.add(Delivery(report_id=report.id, study_id=report.study_id, destination="pacs", kind="dicom",
+                             state=DeliveryState.FAILED, attempts=3, last_error="the PACS refused the association"))
+
     page.locator(f'#worklist tbody tr[data-uid="{uid}"]').click()
     page.wait_for_url(f"{stack.url}/studies/{uid}")
     page.locator("#thumbs img").first.wait_for()
@@ -91,6 +102,9 @@ def test_read_and_answer_a_draft(stack: Stack, page, tmp_path: Path) -> None:  #
     assert widths and all(w > 0 for w in widths), f"every image loads: {widths}"
     assert page.locator("#probes .probe").count() == len(study["probes"])
     assert page.locator("#impression").inner_text().strip() == (study["report"]["impression"] or "—")
+    sent = page.locator('#deliveries li[data-destination="pacs"]')
+    assert sent.locator(".delivery-state").inner_text() == "failed"
+    assert "the PACS refused the association" in sent.inner_text() and "3 attempts" in sent.inner_text()
     _shot(page, tmp_path, "study")
     _fits_a_laptop(page, tmp_path, "study")
 
