@@ -77,6 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The application for ``settings``: one engine, the prompt file's thresholds, a metrics registry."""
     from preread.api.dashboard import pages
     from preread.api.routes import api, ops
+    from preread.api.worker_images import worker_api
 
     app = FastAPI(
         title="infimed-preread reading queue",
@@ -94,6 +95,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.include_router(api)
     app.include_router(ops)
+    app.include_router(worker_api)
     _add_docs(app)
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

@@ -1,4 +1,4 @@
-"""The audit trail: every view of a study, image or report, every feedback and reprocess."""
+"""The audit trail: every view of a study, image or report, every feedback and reprocess, every PNG a worker fetched."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ class Action(enum.StrEnum):
     IMAGE = "view_image"
     FEEDBACK = "feedback"
     REPROCESS = "reprocess"
+    #: A remote infer worker fetched a PNG to draft from (``api/worker_images.py``): not a radiologist's view.
+    WORKER_IMAGE = "worker_fetch_image"
 
 
 #: Actions that only read: their audit rows may skip the commit's flush wait.
-VIEWS = frozenset({Action.WORKLIST, Action.SEARCH, Action.STUDY, Action.IMAGE})
+VIEWS = frozenset({Action.WORKLIST, Action.SEARCH, Action.STUDY, Action.IMAGE, Action.WORKER_IMAGE})
 
 
 def record(

@@ -136,6 +136,8 @@ def draft(
     settings = get_settings()
     if model:
         settings = settings.model_copy(update={"model": model})
+    # this process renders the PNGs itself: they are on this host, whatever PREREAD_IMAGES_URL says
+    settings = settings.model_copy(update={"images_url": None})
     use_settings(settings)  # messages name the model given here
     err = Console(stderr=True)
     upgrade(settings.effective_database_url)

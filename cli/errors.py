@@ -24,9 +24,9 @@ EXIT_OPERATOR = 2
 #: Environment variable that keeps tracebacks, like ``--debug``.
 DEBUG_ENV = "PREREAD_DEBUG"
 #: Settings whose values are never printed.
-SECRET_FIELDS = frozenset({"webhook_secret", "tls_key"})
+SECRET_FIELDS = frozenset({"webhook_secret", "tls_key", "worker_token"})
 #: Settings that hold URLs, printed with the password masked.
-URL_FIELDS = frozenset({"database_url", "broker_url", "webhook_url"})
+URL_FIELDS = frozenset({"database_url", "broker_url", "webhook_url", "images_url"})
 
 #: errno of a failed write or mkdir -> what to tell the operator.
 _WRITE_ERRORS = {

@@ -25,7 +25,7 @@ def _url() -> str:
 @token_app.command("create")
 def create(
     name: Annotated[str, typer.Argument(help="Who or what uses the token (letters, digits, . _ @ -).")],
-    role: Annotated[ApiRole, typer.Option(help="read: the worklist; write: also answer and reprocess; admin; worker: health and metrics.")] = ApiRole.READ,
+    role: Annotated[ApiRole, typer.Option(help="read: the worklist; write: also answer and reprocess; admin; worker: health, metrics and a GPU host's PNGs.")] = ApiRole.READ,
 ) -> None:
     """Create a token and print it once: it cannot be shown again."""
     from preread.api.tokens import TokenError, create_token

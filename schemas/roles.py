@@ -6,7 +6,8 @@ import enum
 
 
 class ApiRole(enum.StrEnum):
-    """What an API token may do: read the queue, answer it, administer, or scrape health and metrics."""
+    """What an API token may do: read the queue, answer it, administer, or (worker) scrape health and metrics
+    and fetch the PNGs a GPU host drafts from, never a patient's identity."""
 
     READ = "read"
     WRITE = "write"

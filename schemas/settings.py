@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -229,6 +229,22 @@ class Settings(BaseSettings):
     delivery_max_age: float = Field(86400.0, gt=0, description="Seconds a delivery is retried (with backoff) before it is failed.")
     delivery_backoff_max: float = Field(900.0, gt=0, description="Longest wait between two attempts of one delivery, in seconds.")
 
+    # --- GPU hosts that share only the queue and the database with the listener -------------
+    images_url: str | None = Field(
+        None,
+        description="Base URL of the listener host's `preread api` (e.g. 'https://listener:8080'): an infer worker "
+        "fetches each study's rendered PNGs from it (with PREREAD_WORKER_TOKEN) into its own data dir instead of "
+        "reading the listener's data dir; unset: PNGs are read from the data dir (one host, or a shared mount).",
+    )
+    worker_token: SecretStr | None = Field(
+        None,
+        description="A `worker`-role API token (`preread token create NAME --role worker` on the API host), "
+        "needed with images_url; never printed.",
+    )
+    images_ca: Path | None = Field(
+        None, description="PEM CA bundle that verifies images_url's HTTPS certificate (a site CA); default the system's."
+    )
+
     # --- peers (settings file arrays) ----------------------------------------------------
     destinations: list[Destination] = Field(default_factory=list, description="[[destinations]]: where results go.")
     sources: list[Source] = Field(default_factory=list, description="[[sources]]: where studies come from.")
@@ -280,6 +296,35 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if not _DEVICE.fullmatch(value):
             raise ValueError(f"{ENV_PREFIX}DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {value!r}")
+        return value
+
+    @field_validator("images_url")
+    @classmethod
+    def _images_url_valid(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from urllib.parse import urlsplit  # only when there is a URL to read
+
+        url = value.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.username or parts.password:
+            raise ValueError(f"{ENV_PREFIX}IMAGES_URL holds no credentials: put the worker token in {ENV_PREFIX}WORKER_TOKEN")
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(
+                f"{ENV_PREFIX}IMAGES_URL must be the API's base URL, e.g. https://listener-host:8080, not {value!r}"
+            )
+        return url
+
+    @field_validator("worker_token")
+    @classmethod
+    def _worker_token_with_url(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            value = None
+        if value is None and info.data.get("images_url"):
+            raise ValueError(
+                "needed with PREREAD_IMAGES_URL: create one on the API host with "
+                "`preread token create NAME --role worker` and set it here"
+            )
         return value
 
     @field_validator("release_grace")

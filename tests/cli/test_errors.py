@@ -102,6 +102,14 @@ def test_bad_setting_value_names_the_variable(tmp_path: Path) -> None:
     assert_operator_error(result, "PREREAD_PORT", "integer")
 
 
+def test_images_url_without_a_worker_token_names_both_and_prints_no_secret(tmp_path: Path) -> None:
+    result = preread("status", data_dir=tmp_path / "data", images_url="https://listener:8080")
+    assert_operator_error(result, "PREREAD_WORKER_TOKEN", "PREREAD_IMAGES_URL", "--role worker")
+    result = preread("status", data_dir=tmp_path / "data", images_url="ftp://listener", worker_token="prt_do_not_print")
+    assert_operator_error(result, "PREREAD_IMAGES_URL", "https://listener-host:8080")
+    assert "prt_do_not_print" not in result.stderr
+
+
 def test_unknown_device(tmp_path: Path) -> None:
     result = preread("draft", str(testdata("CT_small.dcm")), "--model", str(tmp_path), data_dir=tmp_path / "data", device="gpu")
     # torch refuses it today; once settings validate the device, the same one line comes from there

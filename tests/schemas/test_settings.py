@@ -252,3 +252,24 @@ def test_process_settings_error_names_every_bad_variable(monkeypatch: pytest.Mon
         "PREREAD_DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', not 'gpu'",
         "PREREAD_PORT: Input should be a valid integer, unable to parse string as an integer",
     ]
+
+
+def test_images_url_needs_a_worker_token_and_is_a_plain_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREREAD_IMAGES_URL", "https://listener.example:8080/")
+    with pytest.raises(ValidationError) as exc:
+        Settings()
+    assert _error(exc).startswith("PREREAD_WORKER_TOKEN: needed with PREREAD_IMAGES_URL"), _error(exc)
+    assert "--role worker" in _error(exc)
+    monkeypatch.setenv("PREREAD_WORKER_TOKEN", "prt_secret")
+    settings = Settings()
+    assert settings.images_url == "https://listener.example:8080", "one base URL, without the trailing slash"
+    assert settings.worker_token is not None and "prt_secret" not in repr(settings)
+    for bad, needle in (("ftp://listener", "must be the API's base URL"), ("listener:8080", "must be the API's base URL"),
+                        ("https://user:pw@listener", "holds no credentials")):
+        monkeypatch.setenv("PREREAD_IMAGES_URL", bad)
+        with pytest.raises(ValidationError) as exc:
+            Settings()
+        assert _error(exc).startswith("PREREAD_IMAGES_URL") and needle in _error(exc), _error(exc)
+    monkeypatch.delenv("PREREAD_IMAGES_URL")
+    monkeypatch.delenv("PREREAD_WORKER_TOKEN")
+    assert Settings().images_url is None, "unset: the infer step reads the data dir as on one host"

@@ -704,11 +704,16 @@ def readiness_problem(settings: Settings) -> str | None:
     """Why this process cannot serve infer tasks, in one line naming model, device and fix; None when ready.
 
     Loads the engine (the model, on the configured device) as the first task
-    would, so a worker that says ready has its model in memory.
+    would, so a worker that says ready has its model in memory; a worker with
+    PREREAD_IMAGES_URL must also be let in there with its token.
     """
+    from preread.worker.inference.images import images_problem
     from preread.worker.inference.model import device_problem, folder_problem
 
     problem = device_problem(settings.model, settings.device) or folder_problem(settings.model, settings.device)
+    if problem:
+        return problem
+    problem = images_problem(settings)  # a remote worker: PREREAD_IMAGES_URL answers its token
     if problem:
         return problem
     try:

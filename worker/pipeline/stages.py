@@ -160,27 +160,31 @@ def study_context(session: Session, study: Study) -> StudyContext:
 def infer_step(settings: Settings, study_id: int, engine: Engine, *, handoff: str | None = None) -> StepOutcome:
     """Probe and draft the rendered study; the study becomes DRAFTED with one current report."""
     from preread.worker.inference.engine import urgency_from_probes
+    from preread.worker.inference.images import ImagesChanged, ImagesError, StoredImage, study_images
     from preread.worker.results.store import save_draft, save_probes
 
     url = settings.effective_database_url
     with session_scope(url) as session:
         study = study_in_state(session, study_id, INFERABLE)
-        images = [
-            Path(p)
-            for p in session.execute(
-                select(Image.path).where(Image.study_id == study_id).order_by(Image.ordinal, Image.id)
-            ).scalars()
+        stored = [
+            StoredImage(image_id, Path(path))
+            for image_id, path in session.execute(
+                select(Image.id, Image.path).where(Image.study_id == study_id).order_by(Image.ordinal, Image.id)
+            )
         ]
         ctx = study_context(session, study)
         study_uid = study.study_instance_uid
         requested_rank = study.priority
-    if not images:
+    if not stored:
         raise BadInput(f"study {study_id} has no rendered images")
-    missing = [p.name for p in images if not p.exists()]
-    if missing:
-        raise BadInput(f"rendered images missing on disk: {', '.join(missing[:3])}")
-    probes = engine.probe(images, ctx)
-    draft = engine.draft(images, ctx)
+    try:  # the data dir's PNGs, or PREREAD_IMAGES_URL's fetched into this host's (worker/inference/images.py)
+        with study_images(settings, study_uid, stored) as images:
+            probes = engine.probe(images, ctx)
+            draft = engine.draft(images, ctx)
+    except ImagesChanged as exc:
+        raise Superseded(f"study {study_id}: {exc}") from None
+    except ImagesError as exc:  # a refused token, images gone: no retry mends it (unreachable is transient)
+        raise BadInput(str(exc)) from None
     urgency = urgency_from_probes(probes, settings.priority_threshold, settings.stat_threshold)
     if draft.report is not None and draft.report.urgency.rank > urgency.rank:
         urgency = draft.report.urgency
