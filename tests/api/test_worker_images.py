@@ -13,19 +13,21 @@ import hashlib
 import subprocess
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, select, update
 
 from preread.schemas.settings import Settings
-from preread.schemas.tables import AuditEvent, Image, Study, utcnow
+from preread.schemas.tables import AuditEvent, Image, Study, StudyState, utcnow
 from preread.worker.inference.images import (
     ImagesChanged,
     ImagesMissing,
     ImagesRefused,
     ImagesUnreachable,
     StoredImage,
+    TokenRefused,
     fetch_study,
     images_problem,
     study_images,
@@ -123,6 +125,7 @@ def test_a_refused_token_and_an_unreachable_api_name_the_setting(stack: Stack, t
     with pytest.raises(ImagesRefused) as refused:
         fetch_study(unknown, uid, ids)
     assert not isinstance(refused.value, ConnectionError), "a refused token is not retried"
+    assert isinstance(refused.value, TokenRefused), "the worker's token, not the study: the worker pauses"
     assert "PREREAD_IMAGES_URL" in str(refused.value) and unknown.worker_token is not None
     assert unknown.worker_token.get_secret_value() not in str(refused.value)
 
@@ -140,7 +143,7 @@ def test_a_refused_token_and_an_unreachable_api_name_the_setting(stack: Stack, t
     good = _worker_settings(stack, tmp_path, stack.tokens["worker"])
     with pytest.raises(ImagesMissing) as missing:
         fetch_study(good, "1.2.3.4.5.6.7", [])
-    assert "no study" in str(missing.value)
+    assert "no study" in str(missing.value) and not isinstance(missing.value, TokenRefused)
 
 
 def test_a_study_cleaned_by_retention_says_so_to_the_remote_worker(stack: Stack, tmp_path: Path) -> None:
@@ -158,3 +161,47 @@ def test_a_study_cleaned_by_retention_says_so_to_the_remote_worker(stack: Stack,
         fetch_study(_worker_settings(stack, tmp_path, stack.tokens["worker"]), uid, ids)
     message = str(missing.value)
     assert "PREREAD_IMAGES_URL" in message and "removed by retention cleanup" in message, message
+
+
+def test_a_refused_token_leaves_the_study_waiting_and_images_gone_fail_it(stack: Stack, tmp_path: Path) -> None:
+    """The infer task's step as a worker runs it: a refused token is the worker's fault, a missing PNG the study's.
+
+    Both stop at the fetch, before the model: no engine is needed.
+    """
+    from preread.worker.pipeline.celery_app import app
+    from preread.worker.pipeline.stages import INFERABLE, infer_step
+    from preread.worker.pipeline.tasks import infer_study, run_step
+
+    uid = stack.studies["ct"]
+    engine = create_engine(stack.db_url)
+    with engine.begin() as conn:  # waiting for infer, one earlier attempt counted
+        conn.execute(update(Study).where(Study.study_instance_uid == uid)
+                     .values(state=StudyState.RENDERED, attempts=1, error=None))
+        study_id = conn.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one()
+
+    def row() -> Any:
+        with engine.connect() as conn:
+            return conn.execute(select(Study.state, Study.attempts, Study.error).where(Study.id == study_id)).one()
+
+    def infer(settings: Settings) -> str:
+        app.conf.preread_settings = settings
+        return run_step(infer_study, study_id, lambda: infer_step(settings, study_id, cast(Any, None)), INFERABLE)
+
+    previous = app.conf.preread_settings
+    try:
+        refused = infer(_worker_settings(stack, tmp_path, "prt_0123456789abcdef_" + "x" * 43))
+        waiting = row()
+        png = Path(_stored(stack, uid)[0].path)
+        png.rename(png.with_suffix(".moved"))  # the PNG gone from the API host
+        try:
+            failed_outcome = infer(_worker_settings(stack, tmp_path, stack.tokens["worker"]))
+        finally:
+            png.with_suffix(".moved").rename(png)
+        failed = row()
+    finally:
+        app.conf.preread_settings = previous
+        engine.dispose()
+    assert refused == "not_ready"
+    assert (waiting.state, waiting.attempts, waiting.error) == (StudyState.RENDERED, 1, None), "no attempt, no failure"
+    assert failed_outcome == "failed" and failed.state == StudyState.FAILED, failed
+    assert failed.attempts == 2 and "infer:" in failed.error and "missing on the API host" in failed.error, failed

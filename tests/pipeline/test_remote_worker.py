@@ -9,6 +9,7 @@ PREREAD_WORKER_TOKEN and the model. Real Postgres, Redis, storescu and uvicorn.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,10 @@ def _uid(name: str) -> str:
 class ListenerHost(Pipeline):
     """Listener, render worker and the API on one data dir; a token maker for the GPU hosts."""
 
-    def __init__(self, tmp: Path, db_url: str, broker_url: str, model_dir: Path, started: list[Proc]) -> None:
+    def __init__(self, tmp: Path, db_url: str, broker_url: str, model_dir: Path, started: list[Proc],
+                 **extra: object) -> None:
         self.api_port = free_port()
-        super().__init__(tmp, db_url, broker_url, model_dir, started, api_port=self.api_port)
+        super().__init__(tmp, db_url, broker_url, model_dir, started, api_port=self.api_port, **extra)
 
     @property
     def images_url(self) -> str:
@@ -69,29 +71,34 @@ class ListenerHost(Pipeline):
         assert done.returncode == 0, done.stderr
         return done
 
-    def gpu_worker(self, name: str, token: str, data_dir: Path, model_dir: Path, db_url: str, broker_url: str) -> Proc:
+    def gpu_worker(self, name: str, token: str, data_dir: Path, model_dir: Path, db_url: str, broker_url: str,
+                   **extra: object) -> Proc:
         """An infer worker that knows only the broker, the database, the API and its model: nothing of this host."""
         env = base_env(data_dir=data_dir, database_url=db_url, broker_url=broker_url, images_url=self.images_url,
-                       worker_token=token, model=model_dir)
+                       worker_token=token, model=model_dir, **extra)
         proc = Proc(preread_argv("worker", "--queues", "infer", "--concurrency", "1"), env, self.tmp / f"{name}.log").start()
         self.started.append(proc)
         self.procs[name] = proc
         return proc
 
 
-def test_gpu_host_with_an_empty_data_dir_drafts_from_the_api_and_a_revoked_token_fails_clearly(
+def _not_ready_workers(url: str) -> list[Heartbeat]:
+    return [r for r in _rows(url, select(Heartbeat)) if r.role == "worker" and r.state == "not_ready"]
+
+
+def test_gpu_host_drafts_from_the_api_and_a_revoked_token_pauses_the_worker_not_the_study(
     tmp_path: Path, pg_url: str, redis_server: RedisServer, tiny_model_dir: Path
 ) -> None:
-    ct_uid = _uid("CT_small.dcm")
+    ct_uid, mr_uid = _uid("CT_small.dcm"), _uid("MR_small.dcm")
     gpu_data = tmp_path / "gpu-host-data"
     gpu_data.mkdir()
     with processes() as started:
-        host = ListenerHost(tmp_path, pg_url, redis_server.url, tiny_model_dir, started)
+        host = ListenerHost(tmp_path, pg_url, redis_server.url, tiny_model_dir, started, reconcile_after=2)
         host.listener()
         host.render_worker()
         host.api()
         token = host.cli("token", "create", "gpu-1", "--role", "worker").stdout.strip()
-        host.gpu_worker("gpu-1", token, gpu_data, tiny_model_dir, pg_url, redis_server.url)
+        host.gpu_worker("gpu-1", token, gpu_data, tiny_model_dir, pg_url, redis_server.url, readiness_recheck=1)
         assert storescu(host.port, [testdata("CT_small.dcm")]).returncode == 0
         try:
             wait_until(lambda: _in_state(pg_url, ct_uid, StudyState.DRAFTED), 240, what="the CT drafted on the GPU host")
@@ -102,25 +109,54 @@ def test_gpu_host_with_an_empty_data_dir_drafts_from_the_api_and_a_revoked_token
         fetched = _rows(pg_url, select(AuditEvent.token_name).where(
             AuditEvent.study_instance_uid == ct_uid, AuditEvent.action == "worker_fetch_image"))
 
-        # The token is revoked while the worker runs: the next study fails at once, naming the setting.
+        # The token is revoked while the worker runs: the next study waits, the worker says why and stops taking infer.
+        host.coordinator()  # its reconciler (every 2 s here) re-enqueues RENDERED studies only for a ready worker
         host.cli("token", "revoke", "gpu-1")
-        mr_uid = _uid("MR_small.dcm")
         assert storescu(host.port, [testdata("MR_small.dcm")]).returncode == 0
         try:
-            wait_until(lambda: _in_state(pg_url, mr_uid, StudyState.FAILED), 240, what="the MR FAILED with a refused token")
+            wait_until(lambda: _in_state(pg_url, mr_uid, StudyState.RENDERED) and _not_ready_workers(pg_url)
+                       and "preread.infer_study[" in host.procs["gpu-1"].output()[len(gpu_log):],
+                       240, what="the MR taken by the GPU worker, which turned not ready")
         except AssertionError:
             raise AssertionError(host.logs()) from None
-        failed = _study(pg_url, mr_uid)
+        time.sleep(6)  # several reconciler passes and readiness rechecks: none fails the study or repeats the log
+        waiting = _study(pg_url, mr_uid)
+        reason = _not_ready_workers(pg_url)[0].reason or ""
+        shown = subprocess.run(preread_argv("status"), env=host.env, capture_output=True, text=True, timeout=120)
+        paused_log = host.procs["gpu-1"].output()
+
+        # The operator's fix: a new worker token, set on the GPU host, and the worker restarted with it.
+        new_token = host.cli("token", "create", "gpu-1b", "--role", "worker").stdout.strip()
+        host.procs["gpu-1"].stop()
+        host.gpu_worker("gpu-1b", new_token, gpu_data, tiny_model_dir, pg_url, redis_server.url, readiness_recheck=1)
+        try:
+            wait_until(lambda: _in_state(pg_url, mr_uid, StudyState.DRAFTED), 240, what="the MR drafted after the fix")
+        except AssertionError:
+            raise AssertionError(host.logs()) from None
+        mr_fetched = _rows(pg_url, select(AuditEvent.token_name).where(
+            AuditEvent.study_instance_uid == mr_uid, AuditEvent.action == "worker_fetch_image"))
+        logs = host.procs["gpu-1"].output() + host.procs["gpu-1b"].output()
     assert "preread.infer_study[" in gpu_log and f"fetched {len(images)} images from {host.images_url}" in gpu_log
     assert images and all(Path(p).is_relative_to(tmp_path / "data") for (p,) in images), "rendered on the listener host"
     assert [name for (name,) in fetched] == ["gpu-1"] * len(images), "each PNG fetched once, audited under the worker"
     assert not any(gpu_data.rglob("*.png")), "the GPU host keeps no PNG once the draft is stored"
     assert not (gpu_data / "studies").exists(), "and never saw an instance"
-    assert failed is not None and failed.attempts == 1, (failed.attempts if failed else None, "not retried")
-    error = failed.error or ""
-    for needle in (host.images_url, "PREREAD_IMAGES_URL", "refused PREREAD_WORKER_TOKEN", "HTTP 401", "--role worker"):
-        assert needle in error, error
-    assert token not in error and token not in host.procs["gpu-1"].output(), "the token is never printed"
+
+    assert waiting is not None and waiting.state == StudyState.RENDERED, (waiting.state if waiting else None)
+    assert waiting.attempts == 0 and waiting.error is None, (waiting.attempts, waiting.error, "no attempt, no failure")
+    for needle in (host.images_url, "PREREAD_IMAGES_URL", "refused PREREAD_WORKER_TOKEN", "HTTP 401", "--role worker",
+                   "restart this worker"):
+        assert needle in reason, reason
+    assert shown.returncode == 0, shown.stderr
+    flat = shown.stdout.replace("\n", "")
+    assert "RENDERED studies wait: no ready infer worker" in shown.stdout and "PREREAD_WORKER_TOKEN" in flat, shown.stdout
+    said = [line for line in paused_log.splitlines() if "refused PREREAD_WORKER_TOKEN" in line]
+    assert len(said) == 1 and "not ready for infer" in said[0], said
+    taken = [line for line in paused_log[len(gpu_log):].splitlines() if "preread.infer_study[" in line and "received" in line]
+    assert len(taken) == 1, ("paused after the MR: no infer task taken again while not ready", taken)
+
+    assert [name for (name,) in mr_fetched] == ["gpu-1b"] * len(mr_fetched) and mr_fetched, mr_fetched
+    assert token not in logs and new_token not in logs, "no token is ever printed"
 
 
 def test_gpu_worker_with_a_refused_token_is_not_ready_and_status_says_why(
@@ -131,15 +167,11 @@ def test_gpu_worker_with_a_refused_token_is_not_ready_and_status_says_why(
         host.api()
         reader = host.cli("token", "create", "a-reader", "--role", "read").stdout.strip()
         host.gpu_worker("gpu-bad", reader, tmp_path / "gpu-data", tiny_model_dir, pg_url, redis_server.url)
-
-        def not_ready() -> list[Heartbeat]:
-            return [r for r in _rows(pg_url, select(Heartbeat)) if r.role == "worker" and r.state == "not_ready"]
-
         try:
-            wait_until(not_ready, 180, what="the GPU worker's not-ready heartbeat")
+            wait_until(lambda: _not_ready_workers(pg_url), 180, what="the GPU worker's not-ready heartbeat")
         except AssertionError:
             raise AssertionError(host.logs()) from None
-        reason = not_ready()[0].reason or ""
+        reason = _not_ready_workers(pg_url)[0].reason or ""
         shown = subprocess.run(preread_argv("status"), env=host.env, capture_output=True, text=True, timeout=120)
     for needle in (host.images_url, "PREREAD_IMAGES_URL", "refused PREREAD_WORKER_TOKEN", "HTTP 403", "read role"):
         assert needle in reason, reason

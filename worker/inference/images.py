@@ -11,10 +11,13 @@ removes them once the step is done.
 Errors say which setting to look at. An API that cannot be reached, times out
 or answers 5xx/429 raises :class:`ImagesUnreachable`, a :class:`ConnectionError`
 and so one of the infer task's declared ``autoretry_for`` errors (counted as
-attempts, up to ``PREREAD_MAX_ATTEMPTS``); a refused token (401/403) raises
-:class:`ImagesRefused`, which no retry mends: the study fails at once with the
-reason, and a worker whose token is refused at start is not ready
-(:func:`images_problem`), so it takes no infer task at all.
+attempts, up to ``PREREAD_MAX_ATTEMPTS``). A refused token (401/403) raises
+:class:`TokenRefused`: that is this worker's configuration, not the study's, so
+the infer step leaves the study RENDERED and the worker goes not ready (its
+readiness check, :func:`images_problem`, asks the API's whoami with the token),
+as a worker whose token is refused at start is. Other refusals
+(:class:`ImagesRefused`, :class:`ImagesMissing`) are the study's: it fails with
+the reason.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ READ_TIMEOUT_S = 60.0
 #: Statuses worth another try besides 5xx: the API is busy or restarting.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 #: How to get a token the API accepts, for every message about a refused one.
-TOKEN_FIX = ("create a worker token on the API host (`preread token create NAME --role worker`) "
-             "and set PREREAD_WORKER_TOKEN")
+TOKEN_FIX = ("create a worker token on the API host (`preread token create NAME --role worker`), "
+             "set PREREAD_WORKER_TOKEN to it and restart this worker")
 
 
 class ImagesError(Exception):
@@ -57,6 +60,10 @@ class ImagesError(Exception):
 
 class ImagesRefused(ImagesError):
     """The API refused the worker token (401/403), or answered something that is not ours."""
+
+
+class TokenRefused(ImagesRefused):
+    """The API refused PREREAD_WORKER_TOKEN (401 revoked or unknown, 403 another role): the worker's problem."""
 
 
 class ImagesMissing(ImagesError):
@@ -188,8 +195,8 @@ def _get(client: httpx.Client, settings: Settings, path: str, what: str) -> http
         return response
     detail = _detail(response)
     if code in (401, 403):
-        raise ImagesRefused(f"{base} (PREREAD_IMAGES_URL) refused PREREAD_WORKER_TOKEN (HTTP {code}: {detail}); "
-                            f"{TOKEN_FIX}")
+        raise TokenRefused(f"{base} (PREREAD_IMAGES_URL) refused PREREAD_WORKER_TOKEN (HTTP {code}: {detail}); "
+                           f"{TOKEN_FIX}")
     if code in RETRYABLE_STATUS or code >= 500:
         raise ImagesUnreachable(f"{base} (PREREAD_IMAGES_URL) answered HTTP {code} for the {what}")
     if code == 404:

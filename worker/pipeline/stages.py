@@ -44,6 +44,14 @@ class Superseded(Exception):
     """The study changed state (re-opened, or already done) while the step ran."""
 
 
+class WorkerNotReady(Exception):
+    """This worker cannot do the step as it is configured (its token refused): the study waits, the worker pauses.
+
+    The message is one line naming the setting and the fix; it becomes the
+    worker's not-ready reason, never the study's error.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class StepOutcome:
     """What a step did, for logs, the CLI and the next hand-off."""
@@ -160,7 +168,7 @@ def study_context(session: Session, study: Study) -> StudyContext:
 def infer_step(settings: Settings, study_id: int, engine: Engine, *, handoff: str | None = None) -> StepOutcome:
     """Probe and draft the rendered study; the study becomes DRAFTED with one current report."""
     from preread.worker.inference.engine import urgency_from_probes
-    from preread.worker.inference.images import ImagesChanged, ImagesError, StoredImage, study_images
+    from preread.worker.inference.images import ImagesChanged, ImagesError, StoredImage, TokenRefused, study_images
     from preread.worker.results.store import save_draft, save_probes
 
     url = settings.effective_database_url
@@ -183,7 +191,9 @@ def infer_step(settings: Settings, study_id: int, engine: Engine, *, handoff: st
             draft = engine.draft(images, ctx)
     except ImagesChanged as exc:
         raise Superseded(f"study {study_id}: {exc}") from None
-    except ImagesError as exc:  # a refused token, images gone: no retry mends it (unreachable is transient)
+    except TokenRefused as exc:  # the worker's token, not the study: it waits in RENDERED while the worker pauses
+        raise WorkerNotReady(str(exc)) from None
+    except ImagesError as exc:  # images gone, an answer that is not ours: no retry mends it (unreachable is transient)
         raise BadInput(str(exc)) from None
     urgency = urgency_from_probes(probes, settings.priority_threshold, settings.stat_threshold)
     if draft.report is not None and draft.report.urgency.rank > urgency.rank:

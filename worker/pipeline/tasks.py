@@ -9,12 +9,17 @@ errors, never for bad input. Each stage counts its own attempts on the study
 stops at ``PREREAD_MAX_ATTEMPTS``: render and infer end FAILED with the stage
 and reason; export never turns a finished draft FAILED: each destination's
 failure lives on its delivery row, retried by the coordinator. Only the CUDA out-of-memory path retries by hand,
-with a smaller pixel budget.
+with a smaller pixel budget. A step that finds the worker itself unfit (its
+PREREAD_WORKER_TOKEN refused: :class:`WorkerNotReady`) is no attempt: the study
+stays where it was and the worker stops taking that queue until it is fixed
+(``lifecycle.pause_infer``); the reconciler re-enqueues the study once a ready
+worker is seen.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -25,6 +30,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from preread.schemas.database import session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import Study, StudyState
+from preread.worker.pipeline import lifecycle  # also hooks the worker's heartbeat, readiness and signals into Celery
 from preread.worker.pipeline.celery_app import EXPORT, INFER, RENDER, app
 from preread.worker.pipeline.stages import (
     EXPORTABLE,
@@ -33,6 +39,7 @@ from preread.worker.pipeline.stages import (
     BadInput,
     StepOutcome,
     Superseded,
+    WorkerNotReady,
     infer_step,
     render_step,
     set_state,
@@ -53,6 +60,8 @@ except ImportError:  # pragma: no cover
 #: Celery's own ceiling on retries, for errors met before an attempt could be counted (the database away).
 MAX_RETRIES = 8
 MIN_PIXELS_ON_OOM = 64 * 28 * 28
+#: Set once a process without a worker lifecycle has logged why it cannot pause its infer queue (said once).
+_said_unpausable = threading.Event()
 
 
 def _settings() -> Settings:
@@ -86,6 +95,26 @@ def _begin_attempt(settings: Settings, study_id: int, expect: tuple[StudyState, 
         return int(session.execute(select(Study.attempts).where(Study.id == study_id)).scalar_one())
 
 
+def _uncount_attempt(settings: Settings, study_id: int, expect: tuple[StudyState, ...]) -> None:
+    """Take back the attempt :func:`_begin_attempt` counted: the step never really began on the study."""
+    with session_scope(settings.effective_database_url) as session:
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id, Study.state.in_([str(s) for s in expect]), Study.attempts > 0)
+            .values(attempts=Study.attempts - 1)
+        )
+
+
+def _worker_not_ready(settings: Settings, study_id: int, expect: tuple[StudyState, ...], reason: str) -> None:
+    """The worker, not the study, is at fault: pause this worker's infer queue and leave the study as it was."""
+    if not lifecycle.pause_infer(reason) and not _said_unpausable.is_set():
+        _said_unpausable.set()
+        log.error("not ready for infer: %s; this process cannot pause its infer queue (run the infer worker with "
+                  "the default threads pool), so studies it takes wait in RENDERED until it is fixed", reason)
+    _uncount_attempt(settings, study_id, expect)
+    log.info("study %s: left %s for a ready worker", study_id, "/".join(str(s) for s in expect))
+
+
 def give_up(settings: Settings, study_id: int, stage: str, reason: str) -> None:
     """The stage has failed for good: FAILED with the stage and reason, except that export keeps the draft."""
     if stage == EXPORT:
@@ -117,7 +146,7 @@ class PipelineTask(Task):
     acks_late = True
     reject_on_worker_lost = True
     autoretry_for = TRANSIENT
-    dont_autoretry_for = (BadInput, Superseded)
+    dont_autoretry_for = (BadInput, Superseded, WorkerNotReady)
     retry_backoff = 2
     retry_backoff_max = 120
     retry_jitter = True
@@ -147,6 +176,9 @@ def run_step(task: PipelineTask, study_id: int, step: Callable[[], StepOutcome],
     except Superseded as exc:
         log.info("study %s: nothing to do (%s)", study_id, exc)
         return "superseded"
+    except WorkerNotReady as exc:
+        _worker_not_ready(settings, study_id, expect, str(exc))
+        return "not_ready"
     except BadInput as exc:
         give_up(settings, study_id, task.stage, str(exc))
         return "failed"
@@ -206,7 +238,3 @@ def export_study(self: PipelineTask, study_id: int) -> str:
 
     settings = _settings()
     return run_step(self, study_id, lambda: export_step(settings, study_id), EXPORTABLE)
-
-
-# The worker's lifecycle (heartbeat, readiness of the infer queue, signals) hooks into Celery's signals.
-from preread.worker.pipeline import lifecycle as _lifecycle  # noqa: E402,F401
