@@ -125,7 +125,7 @@ def main() -> None:
     procs = {}
     try:
         for name, broker in runs.items():
-            procs[name] = _start(tmp, name.split()[0].lower(), model_dir, broker)
+            procs[name] = _start(tmp, f"run-{name.split()[0].lower()}", model_dir, broker)
         for i, (name, (_, port, url)) in enumerate(procs.items()):
             uid = generate_uid()
             ds = projection(study_uid=uid, series_uid=generate_uid(), series_number=1, instance_number=1, view="PA")
