@@ -61,6 +61,13 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[k]
 
 
+def _ts(value: object) -> datetime:
+    """A database timestamp as an aware UTC datetime (SQLite gives text, both store naive UTC)."""
+    at = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(at, datetime), value
+    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+
+
 def _send_and_time(port: int, url: str, studies: list[tuple[str, Path]]) -> tuple[list[float], list[str]]:
     """Latency per study (s), sent one at a time; and the UIDs in order."""
     from tests.support.procs import storescu, wait_until
@@ -80,13 +87,47 @@ def _send_and_time(port: int, url: str, studies: list[tuple[str, Path]]) -> tupl
                         "where s.study_instance_uid = :u and r.current"), dict(u=uid)).first()
                 return row[0] if row else None
 
-            at = wait_until(drafted, 300, interval=0.02, what=f"study {uid} drafted")
-            at = datetime.fromisoformat(at) if isinstance(at, str) else at  # SQLite gives text
-            at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)  # stored as naive UTC
+            at = _ts(wait_until(drafted, 300, interval=0.02, what=f"study {uid} drafted"))
             latencies.append((at - released).total_seconds())
     finally:
         engine.dispose()
     return latencies, [uid for uid, _ in studies]
+
+
+#: The path's steps, each between two moments the database records (seconds, per study).
+STAGES = [
+    ("grace end -> STABLE", "stability monitor's tick after the release grace"),
+    ("STABLE -> render queued", "outbox row published by the listener"),
+    ("render queued -> rendered", "queue wait + render + commit"),
+    ("rendered -> infer queued", "hand-off published by the render task"),
+    ("infer queued -> committed - model", "queue wait + draft commit"),
+]
+
+
+def _stages(url: str, uids: list[str], model: list[float]) -> dict[str, list[float]]:
+    """Per study, the seconds each of :data:`STAGES` took, from the rows the pipeline wrote."""
+    db = create_engine(url)
+    out: dict[str, list[float]] = {name: [] for name, _ in STAGES}
+    with db.connect() as conn:
+        for uid, model_s in zip(uids, model, strict=True):
+            study_id, hint = conn.execute(text("select id, release_hint_at from studies where study_instance_uid = :u"),
+                                          dict(u=uid)).one()
+            outbox = {topic: (_ts(c), _ts(s)) for topic, c, s in conn.execute(text(
+                "select topic, created_at, sent_at from outbox where study_id = :i and sent_at is not null order by id desc"),
+                dict(i=study_id))}  # the first row of each topic wins
+            report = _ts(conn.execute(text("select created_at from reports where study_id = :i and current"),
+                                      dict(i=study_id)).scalar_one())
+            (stable, render_sent), (rendered, infer_sent) = outbox["render"], outbox["infer"]
+            for name, seconds in zip(out, [
+                (stable - _ts(hint)).total_seconds(),
+                (render_sent - stable).total_seconds(),
+                (rendered - render_sent).total_seconds(),
+                (infer_sent - rendered).total_seconds(),
+                (report - infer_sent).total_seconds() - model_s,
+            ], strict=True):
+                out[name].append(seconds)
+    db.dispose()
+    return out
 
 
 def _model_seconds(model_dir: Path, url: str, uids: list[str], data_dir: Path) -> list[float]:
@@ -120,7 +161,10 @@ def _model_seconds(model_dir: Path, url: str, uids: list[str], data_dir: Path) -
     return out
 
 
-def run_embedded(tmp: Path, model_dir: Path, studies: list[tuple[str, Path]]) -> tuple[list[float], list[float]]:
+Result = tuple[list[float], list[float], dict[str, list[float]]]
+
+
+def run_embedded(tmp: Path, model_dir: Path, studies: list[tuple[str, Path]]) -> Result:
     from tests.support.procs import Proc, base_env, free_port, preread_argv, wait_port
 
     port = free_port()
@@ -128,7 +172,7 @@ def run_embedded(tmp: Path, model_dir: Path, studies: list[tuple[str, Path]]) ->
     work.mkdir()
     data = work / "preread-data"
     env = base_env(data_dir=data, model=model_dir, port=port, host="127.0.0.1", stable_after=600,
-                   min_free_bytes=0, max_images=1)
+                   min_free_bytes=0, max_images=1, api_port=free_port())
     url = f"sqlite:///{(data / 'preread.db').resolve()}"
     proc = Proc(preread_argv("run", "--no-live"), env, tmp / "embedded.log", cwd=work).start()
     try:
@@ -137,10 +181,11 @@ def run_embedded(tmp: Path, model_dir: Path, studies: list[tuple[str, Path]]) ->
         latencies, uids = _send_and_time(port, url, studies)
     finally:
         proc.kill()
-    return latencies, _model_seconds(model_dir, url, uids, data)
+    model = _model_seconds(model_dir, url, uids, data)
+    return latencies, model, _stages(url, uids, model)
 
 
-def run_postgres(tmp: Path, model_dir: Path, studies: list[tuple[str, Path]], admin_url: str) -> tuple[list[float], list[float]]:
+def run_postgres(tmp: Path, model_dir: Path, studies: list[tuple[str, Path]], admin_url: str) -> Result:
     from preread.schemas.database import upgrade
     from tests.support.procs import Proc, RedisServer, base_env, free_port, preread_argv, wait_port
 
@@ -167,6 +212,7 @@ def run_postgres(tmp: Path, model_dir: Path, studies: list[tuple[str, Path]], ad
         time.sleep(10)
         latencies, uids = _send_and_time(port, url, studies)
         model = _model_seconds(model_dir, url, uids, tmp / "pg-data")
+        stages = _stages(url, uids, model)
     finally:
         for p in procs:
             p.kill()
@@ -174,7 +220,7 @@ def run_postgres(tmp: Path, model_dir: Path, studies: list[tuple[str, Path]], ad
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
         admin.dispose()
-    return latencies, model
+    return latencies, model, stages
 
 
 def main() -> None:
@@ -198,13 +244,22 @@ def main() -> None:
     for column in ("backend", "latency p50", "latency p95", "model p50", "pipeline p50", "pipeline p95",
                    "goal p95 ≤ 1.5 s"):
         table.add_column(column, justify="left" if column == "backend" else "right")
-    for name, (latencies, model) in results.items():
+    for name, (latencies, model, _) in results.items():
         pipeline = [lat - GRACE_S - m for lat, m in zip(latencies, model, strict=True)]
         p95 = _pct(pipeline, 0.95)
         table.add_row(name, f"{statistics.median(latencies):.2f}", f"{_pct(latencies, 0.95):.2f}",
                       f"{statistics.median(model):.2f}", f"{statistics.median(pipeline):.2f}", f"{p95:.2f}",
                       "met" if p95 <= 1.5 else "NOT met")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    steps = Table(title="where the time goes (p50 / p95 per step, seconds)")
+    steps.add_column("step", justify="left")
+    steps.add_column("what it holds", justify="left")
+    for name in results:
+        steps.add_column(name, justify="right")
+    for step, what in STAGES:
+        steps.add_row(step, what, *(f"{statistics.median(r[2][step]):.3f} / {_pct(r[2][step], 0.95):.3f}" for r in results.values()))
+    console.print(steps)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ once, CT and MR senders often use one association per series). The stability
 monitor (:func:`~preread.ingest.assembly.stability.mark_stable`) then makes the
 study STABLE once the hint time has passed, unless an instance arrived after the
 release (or an open sweep owns the study); the idle timer stays the fallback for
-senders that keep associations open. An aborted association gives no hint.
+senders that keep associations open. An aborted association gives no hint. The
+listener passes ``on_hint`` (its monitor's ``due_in``) so the monitor looks when the
+grace ends rather than at its next tick.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -43,12 +46,12 @@ def take_stored(assoc: Any) -> set[str]:
         return _stored.pop(assoc, set())
 
 
-def hint_released(engine: Engine, settings: Settings, study_uids: set[str]) -> int:
-    """Set the release hint on those of ``study_uids`` still RECEIVING; returns how many."""
+def hint_released(engine: Engine, settings: Settings, study_uids: set[str]) -> list[float]:
+    """Set the release hint on those of ``study_uids`` still RECEIVING; returns the grace of each hinted."""
     if not study_uids:
-        return 0
+        return []
     now = utcnow()
-    hinted = 0
+    hinted: list[float] = []
     with engine.begin() as conn:
         rows = conn.execute(
             select(Study.id, Study.modalities)
@@ -61,20 +64,26 @@ def hint_released(engine: Engine, settings: Settings, study_uids: set[str]) -> i
                 .where(Study.id == row.id, Study.state == StudyState.RECEIVING)
                 .values(released_at=now, release_hint_at=now + timedelta(seconds=grace))
             )
-            hinted += 1
+            hinted.append(grace)
     return hinted
 
 
-def handle_released(event: Event, engine: Engine, settings: Settings) -> None:
-    """``evt.EVT_RELEASED``: the studies this association stored are complete after their grace."""
+def handle_released(event: Event, engine: Engine, settings: Settings,
+                    on_hint: Callable[[float], None] | None = None) -> None:
+    """``evt.EVT_RELEASED``: the studies this association stored are complete after their grace.
+
+    ``on_hint(seconds)`` learns when the first of those graces ends (the stability monitor's ``due_in``).
+    """
     uids = take_stored(event.assoc)
     try:
-        count = hint_released(engine, settings, uids)
+        graces = hint_released(engine, settings, uids)
     except Exception as exc:  # the idle timer is the fallback: a failed hint only delays
         LOGGER.warning("release hint not recorded (%d studies): %s", len(uids), type(exc).__name__)
         return
-    if count:
-        LOGGER.debug("association released: %d studies complete after their grace", count)
+    if graces:
+        LOGGER.debug("association released: %d studies complete after their grace", len(graces))
+        if on_hint is not None:
+            on_hint(min(graces))
 
 
 def handle_aborted(event: Event) -> None:

@@ -13,11 +13,14 @@ dispatcher), as the tasks do for their hand-offs, so a listener and workers
 draft every study without a coordinator; the coordinator's dispatcher and
 reconciler remain the backstop for a broker that was away.
 A released association's completion hint (:mod:`~preread.ingest.assembly.release`)
-makes a study STABLE before the idle timer, after its modality's grace.
+makes a study STABLE before the idle timer, after its modality's grace: the listener
+tells its monitor when that grace ends (:meth:`StabilityMonitor.due_in`), and the
+monitor looks then instead of at its next tick (up to half a second later).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -39,6 +42,8 @@ RENDER_TOPIC = "render"
 BATCH = 500
 #: Seconds between publishing passes when no study was flipped (rows a broker outage left behind).
 REPUBLISH_EVERY_S = 10.0
+#: Seconds a pass waits after a release hint's time, so that the hint has passed in the database's clock too.
+DUE_MARGIN_S = 0.005
 
 
 def mark_stable(session: Session, stable_after: float, now: datetime | None = None) -> list[int]:
@@ -103,6 +108,8 @@ class StabilityMonitor:
 
     ``publish`` (the outbox dispatcher) runs after every pass that flipped a
     study, and every ``REPUBLISH_EVERY_S`` for rows a broker outage left unsent.
+    :meth:`due_in` asks for a pass at a given time (a release hint's grace end)
+    between the ticks.
     """
 
     def __init__(self, url: str, stable_after: float, interval: float | None = None,
@@ -112,6 +119,9 @@ class StabilityMonitor:
         self.interval = interval if interval is not None else default_interval(stable_after)
         self.publish = publish
         self._stop = threading.Event()
+        self._nudged = threading.Event()
+        self._due: list[float] = []  # a heap of monotonic times a pass is wanted at
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -125,13 +135,24 @@ class StabilityMonitor:
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the thread to end and wait for it (bounded)."""
         self._stop.set()
+        self._nudged.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
+    def due_in(self, seconds: float) -> None:
+        """Run a pass ``seconds`` from now (a released association's grace ends then), not at the next tick."""
+        with self._lock:
+            heapq.heappush(self._due, time.monotonic() + max(seconds, 0.0) + DUE_MARGIN_S)
+        self._nudged.set()
+
     def _run(self) -> None:
         last_publish = 0.0
         while not self._stop.is_set():
+            started = time.monotonic()
+            with self._lock:  # this pass sees every hint due by now
+                while self._due and self._due[0] <= started:
+                    heapq.heappop(self._due)
             try:
                 flipped = run_once(self.url, self.stable_after)
                 if self.publish is not None and (flipped or time.monotonic() - last_publish > REPUBLISH_EVERY_S):
@@ -139,7 +160,18 @@ class StabilityMonitor:
                     self._publish()
             except Exception as exc:  # a database hiccup must not end the monitor
                 LOGGER.warning("stability pass failed: %s: %s", type(exc).__name__, str(exc)[:200])
-            self._stop.wait(self.interval)
+            self._nap(time.monotonic() + self.interval)
+
+    def _nap(self, until: float) -> None:
+        """Sleep until ``until`` or the earliest due time, whichever comes first (or :meth:`stop`)."""
+        while not self._stop.is_set():
+            with self._lock:
+                wake_at = min(until, self._due[0]) if self._due else until
+                self._nudged.clear()
+            remaining = wake_at - time.monotonic()
+            if remaining <= 0:
+                return
+            self._nudged.wait(remaining)
 
     def _publish(self) -> None:
         assert self.publish is not None

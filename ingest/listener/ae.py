@@ -21,6 +21,7 @@ import ssl
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any, cast
 
 from pydicom import config as pydicom_config
@@ -93,15 +94,18 @@ def build_ae(ae_title: str) -> AE:
     return ae
 
 
-def event_handlers(ctx: IngestContext, settings: Settings) -> list[Any]:
-    """The listener's pynetdicom event handlers (the N-EVENT-REPORT confirms our SR deliveries)."""
+def event_handlers(ctx: IngestContext, settings: Settings, on_hint: Callable[[float], None] | None = None) -> list[Any]:
+    """The listener's pynetdicom event handlers (the N-EVENT-REPORT confirms our SR deliveries).
+
+    ``on_hint`` hears when a released association's grace ends (the stability monitor's ``due_in``).
+    """
     return [
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [ctx]),
         (evt.EVT_N_EVENT_REPORT, handle_n_event_report, [settings]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted),
         (evt.EVT_CONN_CLOSE, handlers.handle_closed),
-        (evt.EVT_RELEASED, release.handle_released, [ctx.index.engine, settings]),
+        (evt.EVT_RELEASED, release.handle_released, [ctx.index.engine, settings, on_hint]),
         (evt.EVT_ABORTED, release.handle_aborted),
     ]
 
@@ -166,7 +170,7 @@ class Listener:
         transport.quiet_pynetdicom()
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
-            evt_handlers=event_handlers(self.ctx, self.settings),
+            evt_handlers=event_handlers(self.ctx, self.settings, self.monitor.due_in if self.monitor else None),
             server_class=transport.ListenerServer,
             request_handler=transport.ListenerRequestHandler,
             door=self.door,

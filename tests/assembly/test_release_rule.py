@@ -59,3 +59,24 @@ def test_hint_leaves_a_study_an_open_sweep_owns(db_url: str) -> None:
         session.execute(update(SweepStudy).where(SweepStudy.study_instance_uid == uid).values(state=SweepStudyState.RELEASED))
     with session_scope(db_url) as session:
         assert mark_stable(session, stable_after=600) == [hinted]
+
+
+def test_monitor_looks_when_a_release_grace_ends_not_at_its_next_tick(db_url: str) -> None:
+    """The listener tells its monitor when a grace ends: a monitor whose next tick is an hour away flips the study then."""
+    from preread.ingest.assembly.stability import StabilityMonitor
+    from tests.support.procs import wait_until
+
+    monitor = StabilityMonitor(db_url, stable_after=600, interval=3600.0)
+    monitor.start()  # one pass now, the next in an hour
+    try:
+        study_id = _study(db_url, released_ago=0, hint_ago=-0.5, received_ago=0.1)  # its grace ends in half a second
+        monitor.due_in(0.5)  # what the listener's release handler does
+
+        def state() -> str | None:
+            with session_scope(db_url) as session:
+                study = session.get(Study, study_id)
+                return str(study.state) if study is not None and study.state == StudyState.STABLE else None
+
+        wait_until(state, 30, interval=0.05, what="the released study to become STABLE")
+    finally:
+        monitor.stop()

@@ -27,18 +27,23 @@ REDIS_PRIORITY = {-1: 9, 0: 6, 1: 3, 2: 0}  # -1: archive sweep studies, after e
 
 
 def embedded_broker(settings: Settings) -> tuple[str, dict[str, object]]:
-    """A broker that needs no server: message files in the data dir."""
+    """A broker that needs no server: message files in the data dir (:mod:`.embedded_queue`).
+
+    Messages are fsynced when ``PREREAD_SYNC_WRITES`` is on, as the listener's files are.
+    """
+    from preread.worker.pipeline import embedded_queue  # registers the preread-fs:// transport
+
     folder = (settings.data_dir / "queue").resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "processed").mkdir(exist_ok=True)
-    options = {
+    options: dict[str, object] = {
         "data_folder_in": str(folder),
         "data_folder_out": str(folder),
-        "processed_folder": str(folder / "processed"),
         "control_folder": str(folder / "control"),
-        "store_processed": False,
+        "sync": settings.sync_writes,
+        "polling_interval": embedded_queue.FAST_POLL_S,
+        "idle_polling_interval": embedded_queue.IDLE_POLL_S,
     }
-    return "filesystem://", options
+    return f"{embedded_queue.SCHEME}://", options
 
 
 def message_priority(broker_url: str, rank: int) -> int | None:
