@@ -14,7 +14,9 @@ from sqlalchemy.orm import sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from preread.api.metrics import PipelineCollector, registry_for
-from preread.schemas.database import engine_for
+from preread.api.tokens import TokenCache
+from preread.api.worklist import Plans
+from preread.schemas.database import engine_for, views_engine
 from preread.schemas.settings import Settings
 from preread.worker.inference.thresholds import probe_thresholds
 
@@ -89,7 +91,11 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessions = sessionmaker(engine_for(settings.effective_database_url), expire_on_commit=False)
+    #: Audited reads (preread.api.views): autocommit, commits without the flush wait, pinged only when idle.
+    app.state.views = sessionmaker(views_engine(settings.effective_database_url), expire_on_commit=False)
+    app.state.tokens = TokenCache()
     app.state.thresholds = probe_thresholds(settings)
+    app.state.plans = Plans()
     app.state.registry = registry_for(
         PipelineCollector(app.state.sessions, settings, app.state.thresholds, _queue_depths(settings))
     )

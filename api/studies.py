@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from preread.api import models
@@ -216,11 +216,15 @@ def add_feedback(session: Session, study: Study, body: models.FeedbackIn, token_
     return row
 
 
-def search(session: Session, body: models.SearchRequest, limit: int = 100) -> list[Study]:
-    """Studies with the given accession number or patient ID, newest first."""
-    query = select(Study)
+#: Search results come newest first.
+SEARCH_ORDER = (Study.first_received_at.desc(),)
+
+
+def search(body: models.SearchRequest, limit: int = 100) -> Select[tuple[int]]:
+    """The ids of studies with the given accession number or patient ID, newest first."""
+    query = select(Study.id)
     if body.accession_number:
         query = query.where(Study.accession_number == body.accession_number)
     if body.patient_id:
         query = query.where(Study.patient_id == body.patient_id)
-    return list(session.scalars(query.order_by(Study.first_received_at.desc()).limit(limit)))
+    return query.order_by(*SEARCH_ORDER).limit(limit)
