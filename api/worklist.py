@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, any_, exists, func, literal_column, or_, select, table
+from sqlalchemy import ARRAY, ColumnElement, Integer, Select, and_, any_, bindparam, exists, func, literal_column, or_, select, table
 from sqlalchemy.orm import Session
 
 from preread.schemas.findings import Urgency
@@ -226,6 +226,13 @@ def page(session: Session, filters: Filters, limit: int, cursor: str | None,
     return rows, next_cursor
 
 
+def _among(session: Session, column: Any, ids: list[int]) -> ColumnElement[bool]:
+    """``column IN ids``; on Postgres ``= ANY(array)``, one parameter rather than a placeholder per id to render."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam("ids", ids, type_=ARRAY(Integer)))
+    return column.in_(ids)  # type: ignore[no-any-return]
+
+
 def rows_for(session: Session, keys: Select, order: tuple[Any, ...]) -> list[Row]:
     """Worklist rows for the studies ``keys`` selects (ids), in ``order``: each with its current report,
     latest verdict and current probe scores (highest first)."""
@@ -246,7 +253,7 @@ def rows_for(session: Session, keys: Select, order: tuple[Any, ...]) -> list[Row
         by_id = {r.study.id: r.probes for r in rows}
         for study_id, condition, score in session.execute(
             select(ProbeScore.study_id, ProbeScore.condition, ProbeScore.score).where(
-                ProbeScore.study_id.in_(list(by_id)), ProbeScore.current
+                _among(session, ProbeScore.study_id, list(by_id)), ProbeScore.current
             )
         ):
             by_id[study_id].append((condition, score))
