@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
+from functools import cache
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
@@ -15,15 +17,14 @@ from preread.api.audit import Action, record
 from preread.api.auth import READERS, WRITERS, db_session, require, scraper
 from preread.api.health import readiness
 from preread.api.quality import quality
-from preread.api.studies import SEARCH_ORDER, BadUid, NoStudy, add_feedback, find_study, image_path, reprocess, search, study_detail
+from preread.api.studies import SEARCH_ORDER, BadUid, NoStudy, add_feedback, find_study, image_path, reprocess, search, study_view
 from preread.api.tokens import Principal
 from preread.api.urgency import from_rank, urgency_reason
 from preread.api.views import Viewer
 from preread.api.worklist import BadCursor, Filters, Row, page, rows_for
 from preread.schemas.findings import Urgency
-from preread.schemas.settings import Settings
 from preread.schemas.tables import Study, StudyState
-from preread.worker.inference.thresholds import ProbeThreshold, threshold_for
+from preread.worker.inference.thresholds import threshold_for
 
 api = APIRouter(prefix="/api/v1")
 ops = APIRouter()
@@ -55,15 +56,10 @@ def _json(model: models.BaseModel) -> Response:
 URGENCIES = frozenset(u.value for u in Urgency)
 
 
-def _probe(condition: str, score: float, thresholds: dict[str, ProbeThreshold], settings: Settings) -> dict[str, Any]:
-    threshold = threshold_for(thresholds, condition, settings).priority
-    return {"condition": condition, "score": score, "threshold": threshold, "positive": score >= threshold}
-
-
-def _item(settings: Settings, thresholds: dict[str, ProbeThreshold], row: Row) -> dict[str, Any]:
+def _item(row: Row, threshold: Callable[[str], float]) -> dict[str, Any]:
     """A worklist row as the fields of :class:`models.WorklistItem` (validated with its page, in one call)."""
     study, report = row.study, row.report
-    probes = [_probe(c, s, thresholds, settings) for c, s in row.probes]
+    probes = [{"condition": c, "score": s, "threshold": threshold(c), "positive": s >= threshold(c)} for c, s in row.probes]
     top = row.probes[0] if row.probes else None
     return {
         "study_instance_uid": study.study_instance_uid,
@@ -88,7 +84,12 @@ def _item(settings: Settings, thresholds: dict[str, ProbeThreshold], row: Row) -
 def _page(request: Request, rows: list[Row], next_cursor: str | None) -> models.WorklistPage:
     """A worklist page; pydantic checks all its rows in one call rather than one model at a time."""
     settings, thresholds = request.app.state.settings, request.app.state.thresholds
-    return models.WorklistPage.model_validate({"items": [_item(settings, thresholds, r) for r in rows], "next_cursor": next_cursor})
+
+    @cache
+    def threshold(condition: str) -> float:
+        return threshold_for(thresholds, condition, settings).priority
+
+    return models.WorklistPage.model_validate({"items": [_item(r, threshold) for r in rows], "next_cursor": next_cursor})
 
 
 @api.get("/worklist", response_model=models.WorklistPage, summary="The reading worklist, most urgent first")
@@ -128,10 +129,14 @@ def search_studies(request: Request, body: models.SearchRequest, view: Viewer) -
 
 @api.get("/studies/{study_uid}", response_model=models.StudyOut, summary="A study, its current draft and history")
 def get_study(request: Request, study_uid: StudyUid, view: Viewer) -> Response:
-    study = _study(view.session, study_uid)
-    image_url = f"{request.url_for('get_image', study_uid=study.study_instance_uid, n='{n}').path}"
-    body = _json(study_detail(view.session, study, request.app.state.settings, request.app.state.thresholds,
-                              image_url.replace("%7Bn%7D", "{n}")))
+    image_url = request.url_for("get_image", study_uid=study_uid, n="{n}").path.replace("%7Bn%7D", "{n}")
+    try:
+        study = study_view(view.session, study_uid, request.app.state.settings, request.app.state.thresholds, image_url)
+    except BadUid as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+    except NoStudy as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
+    body = _json(study)
     view.record(Action.STUDY, study_uid=study.study_instance_uid)
     return body
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
-from sqlalchemy import insert, literal, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -28,6 +28,17 @@ from preread.api.tokens import Principal, TokenCache, csrf_token, verify_token
 from preread.schemas.tables import ApiToken, AuditEvent, utcnow
 
 REVOKED = "the token is unknown or revoked"
+
+#: One audit event, written only if the token with ``key`` is unrevoked (Core, not the ORM's bulk INSERT,
+#: and its row count kept before the cursor closes).
+AUDIT_IF_VALID = insert(AuditEvent).from_select(
+    ["at", "token_name", "action", "study_instance_uid", "client", "detail"],
+    select(
+        bindparam("at", type_=AuditEvent.at.type), ApiToken.name, bindparam("action", type_=AuditEvent.action.type),
+        bindparam("study_uid", type_=AuditEvent.study_instance_uid.type), bindparam("client", type_=AuditEvent.client.type),
+        bindparam("detail", type_=AuditEvent.detail.type),
+    ).where(ApiToken.key == bindparam("key"), ApiToken.revoked_at.is_(None)),
+).execution_options(preserve_rowcount=True)
 
 
 @dataclass
@@ -46,16 +57,10 @@ class View:
 
         Call it last, once the answer is ready: the event commits at once (autocommit).
         """
-        at = literal(utcnow(), AuditEvent.at.type)
-        row = select(
-            at, ApiToken.name, literal(str(action)), literal(study_uid, AuditEvent.study_instance_uid.type),
-            literal((self.client or "")[:64] or None, AuditEvent.client.type),
-            literal(detail[:255] if detail else None, AuditEvent.detail.type),
-        ).where(ApiToken.key == self.principal.key, ApiToken.revoked_at.is_(None))
-        columns = ["at", "token_name", "action", "study_instance_uid", "client", "detail"]
-        # Core, not the ORM's bulk INSERT, and the row count kept before the cursor closes.
-        statement = insert(AuditEvent).from_select(columns, row).execution_options(preserve_rowcount=True)
-        written = self.session.connection().execute(statement).rowcount
+        written = self.session.connection().execute(AUDIT_IF_VALID, {
+            "at": utcnow(), "action": str(action), "study_uid": study_uid, "client": (self.client or "")[:64] or None,
+            "detail": detail[:255] if detail else None, "key": self.principal.key,
+        }).rowcount
         if not written:
             self.tokens.forget(self.principal.key)
             raise unauthorized(REVOKED)

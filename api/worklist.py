@@ -2,7 +2,13 @@
 
 Pages are cut with a keyset cursor on (priority, top probe score, arrival, id),
 so a page costs the same at any depth and rows arriving meanwhile never
-shift or repeat a page. The order is served by ``ix_studies_worklist``.
+shift or repeat a page. The order is served by ``ix_studies_worklist``, the
+probe filter by ``ix_probe_scores_current_condition`` (matches) and
+``ix_probe_scores_current_study`` (one study's scores).
+
+Each shape of query (which filters, a cursor or not, which plan) is built once
+with bound parameters and reused: building and keying a statement costs more
+than running it.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ARRAY, ColumnElement, Integer, Select, and_, any_, bindparam, exists, func, literal_column, or_, select, table
+from sqlalchemy import ARRAY, Integer, Select, and_, any_, bindparam, exists, func, literal_column, or_, select, table
 from sqlalchemy.orm import Session
 
 from preread.schemas.findings import Urgency
@@ -56,17 +63,6 @@ def decode_cursor(cursor: str) -> tuple[int, float, datetime, int]:
         raise BadCursor("cursor is not valid; use next_cursor from the previous page") from exc
 
 
-def _modality_match(modality: str):  # type: ignore[no-untyped-def]
-    """Studies whose (backslash-separated) modalities include ``modality``."""
-    col = Study.modalities
-    return or_(
-        col == modality,
-        col.like(f"{modality}\\%", escape="!"),
-        col.like(f"%\\{modality}", escape="!"),
-        col.like(f"%\\{modality}\\%", escape="!"),
-    )
-
-
 #: The most studies a probe filter may match for them to be fetched first and sorted (Postgres).
 SELECTIVE_MATCHES = 5000
 #: How long a probe filter's choice of plan is kept (it never changes the rows, only how they are found).
@@ -86,12 +82,36 @@ def selective_limit(page_rows: int, studies: float) -> float:
     return min(SELECTIVE_MATCHES, 0.5 * math.sqrt(page_rows * max(studies, 0.0)))
 
 
-def _probe_matches(filters: Filters) -> Select:
-    """Study ids whose current score of the filter's probe is at least ``min_score`` (served by its index)."""
-    query = select(ProbeScore.study_id).where(ProbeScore.condition == filters.probe, ProbeScore.current)
-    if filters.min_score is not None:
-        query = query.where(ProbeScore.score >= filters.min_score)
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """Which parts a worklist query has: its statement is built once per shape."""
+
+    state: bool
+    urgency: bool
+    modality: bool
+    since: bool
+    probe: bool
+    min_score: bool
+    cursor: bool
+    selective: bool
+
+
+def _probe_matches(min_score: bool) -> Select[tuple[int]]:
+    """Study ids whose current score of the probe is at least ``min_score`` (served by its index)."""
+    query = select(ProbeScore.study_id).where(ProbeScore.condition == bindparam("probe"), ProbeScore.current)
+    if min_score:
+        query = query.where(ProbeScore.score >= bindparam("min_score"))
     return query
+
+
+@lru_cache(maxsize=4)
+def _count_statement(min_score: bool) -> Select[tuple[int, float]]:
+    """The probe filter's matches (counted up to SELECTIVE_MATCHES + 1) and the planner's estimate of the studies."""
+    capped = _probe_matches(min_score).limit(SELECTIVE_MATCHES + 1).subquery()
+    # The planner's estimate of the table's rows (-1 before its first ANALYZE): no count of 100,000 rows.
+    estimate = select(literal_column("reltuples")).select_from(table("pg_class")).where(
+        literal_column("oid") == func.to_regclass(Study.__tablename__))
+    return select(select(func.count()).select_from(capped).scalar_subquery(), estimate.scalar_subquery())
 
 
 class Plans:
@@ -118,12 +138,8 @@ def _selective(session: Session, filters: Filters, page_rows: int, plans: Plans 
     key = (filters.probe, filters.min_score, page_rows)
     chosen = plans.get(key) if plans is not None else None
     if chosen is None:
-        capped = _probe_matches(filters).limit(SELECTIVE_MATCHES + 1).subquery()
-        # The planner's estimate of the table's rows (-1 before its first ANALYZE): no count of 100,000 rows.
-        estimate = select(literal_column("reltuples")).select_from(table("pg_class")).where(
-            literal_column("oid") == func.to_regclass(Study.__tablename__))
-        matches, studies = session.execute(
-            select(select(func.count()).select_from(capped).scalar_subquery(), estimate.scalar_subquery())
+        matches, studies = session.connection().execute(
+            _count_statement(filters.min_score is not None), {"probe": filters.probe, "min_score": filters.min_score}
         ).one()
         chosen = (matches or 0) <= selective_limit(page_rows, float(studies or 0))
         if plans is not None:
@@ -131,26 +147,31 @@ def _selective(session: Session, filters: Filters, page_rows: int, plans: Plans 
     return chosen
 
 
-def _filtered(query: Select, filters: Filters, selective: bool = False) -> Select:
-    if filters.state is not None:
-        query = query.where(Study.state == str(filters.state))
-    if filters.urgency is not None:
-        query = query.where(Study.priority == filters.urgency.rank)
-    if filters.modality:
-        query = query.where(_modality_match(filters.modality))
-    if filters.since is not None:
-        query = query.where(Study.first_received_at >= filters.since)
-    if filters.probe and selective:
+def _filtered(query: Select[Any], shape: Shape) -> Select[Any]:
+    if shape.state:
+        query = query.where(Study.state == bindparam("state"))
+    if shape.urgency:
+        query = query.where(Study.priority == bindparam("priority"))
+    if shape.modality:
+        # Studies whose (backslash-separated) modalities include the modality.
+        col = Study.modalities
+        query = query.where(or_(col == bindparam("modality"), col.like(bindparam("modality_first"), escape="!"),
+                                col.like(bindparam("modality_last"), escape="!"),
+                                col.like(bindparam("modality_inner"), escape="!")))
+    if shape.since:
+        query = query.where(Study.first_received_at >= bindparam("since", type_=Study.first_received_at.type))
+    if shape.probe and shape.selective:
         # id = ANY(ARRAY(matches)): the few matching studies by primary key, then the top of them sorted.
-        query = query.where(Study.id == any_(func.array(_probe_matches(filters).scalar_subquery())))
-    elif filters.probe:
-        query = query.where(exists(_probe_matches(filters).where(ProbeScore.study_id == Study.id)))
+        query = query.where(Study.id == any_(func.array(_probe_matches(shape.min_score).scalar_subquery())))
+    elif shape.probe:
+        query = query.where(exists(_probe_matches(shape.min_score).where(ProbeScore.study_id == Study.id)))
     return query
 
 
-def _after(cursor: tuple[int, float, datetime, int]):  # type: ignore[no-untyped-def]
+def _after() -> Any:
     """Rows strictly after the cursor in worklist order (priority and score descending, arrival ascending)."""
-    p, s, a, i = cursor
+    p, s = bindparam("after_priority", type_=Integer), bindparam("after_score", type_=Study.top_probe_score.type)
+    a, i = bindparam("after_arrival", type_=Study.first_received_at.type), bindparam("after_id", type_=Integer)
     return and_(
         Study.priority <= p,
         or_(
@@ -159,6 +180,26 @@ def _after(cursor: tuple[int, float, datetime, int]):  # type: ignore[no-untyped
             and_(Study.top_probe_score == s, or_(Study.first_received_at > a, and_(Study.first_received_at == a, Study.id > i))),
         ),
     )
+
+
+def _parameters(filters: Filters, cursor: tuple[int, float, datetime, int] | None, limit: int) -> dict[str, Any]:
+    """The values of a page query's bound parameters."""
+    values: dict[str, Any] = {"limit": limit}
+    if filters.state is not None:
+        values["state"] = str(filters.state)
+    if filters.urgency is not None:
+        values["priority"] = filters.urgency.rank
+    if filters.modality:
+        m = filters.modality
+        values |= {"modality": m, "modality_first": f"{m}\\%", "modality_last": f"%\\{m}", "modality_inner": f"%\\{m}\\%"}
+    if filters.since is not None:
+        values["since"] = filters.since
+    if filters.probe:
+        values["probe"] = filters.probe
+        values["min_score"] = filters.min_score
+    if cursor is not None:
+        values |= dict(zip(("after_priority", "after_score", "after_arrival", "after_id"), cursor, strict=True))
+    return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,10 +254,12 @@ def page(session: Session, filters: Filters, limit: int, cursor: str | None,
     (the page's ids found first, so only they are joined), then their current probe scores.
     """
     limit = max(1, min(limit, MAX_PAGE))
-    keys = _filtered(select(Study.id), filters, _selective(session, filters, limit + 1, plans))
-    if cursor:
-        keys = keys.where(_after(decode_cursor(cursor)))
-    rows = rows_for(session, keys.order_by(*WORKLIST_ORDER).limit(limit + 1), WORKLIST_ORDER)
+    after = decode_cursor(cursor) if cursor else None
+    postgres = session.get_bind().dialect.name == "postgresql"
+    shape = Shape(filters.state is not None, filters.urgency is not None, bool(filters.modality), filters.since is not None,
+                  bool(filters.probe), filters.min_score is not None, after is not None,
+                  _selective(session, filters, limit + 1, plans))
+    rows = _rows(session, _page_statement(shape), _parameters(filters, after, limit + 1), postgres)
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = None
@@ -226,36 +269,50 @@ def page(session: Session, filters: Filters, limit: int, cursor: str | None,
     return rows, next_cursor
 
 
-def _among(session: Session, column: Any, ids: list[int]) -> ColumnElement[bool]:
-    """``column IN ids``; on Postgres ``= ANY(array)``, one parameter rather than a placeholder per id to render."""
-    if session.get_bind().dialect.name == "postgresql":
-        return column == any_(bindparam("ids", ids, type_=ARRAY(Integer)))
-    return column.in_(ids)  # type: ignore[no-any-return]
+@lru_cache(maxsize=256)
+def _page_statement(shape: Shape) -> Select[Any]:
+    keys = _filtered(select(Study.id), shape)
+    if shape.cursor:
+        keys = keys.where(_after())
+    return _rows_statement(keys.order_by(*WORKLIST_ORDER).limit(bindparam("limit", type_=Integer)), WORKLIST_ORDER)
 
 
-def rows_for(session: Session, keys: Select, order: tuple[Any, ...]) -> list[Row]:
-    """Worklist rows for the studies ``keys`` selects (ids), in ``order``: each with its current report,
-    latest verdict and current probe scores (highest first)."""
+def _rows_statement(keys: Select[Any], order: tuple[Any, ...]) -> Select[Any]:
+    """The studies ``keys`` selects (ids), in ``order``, with their current report and latest verdict."""
     found = keys.subquery()
     verdict = (select(Feedback.verdict).where(Feedback.study_id == Study.id)
                .order_by(Feedback.id.desc()).limit(1).scalar_subquery())
-    query = (
+    return (
         select(*STUDY_COLUMNS, Report.urgency, Report.impression, Report.parse_status, Report.id, verdict)
         .join(found, found.c.id == Study.id)
         .outerjoin(Report, and_(Report.study_id == Study.id, Report.current))
         .order_by(*order)
     )
+
+
+@lru_cache(maxsize=2)
+def _probes_statement(postgres: bool) -> Select[tuple[int, str, float]]:
+    """Current probe scores of the studies ``ids``: one array parameter on Postgres, not a placeholder per id."""
+    ids = (ProbeScore.study_id == any_(bindparam("ids", type_=ARRAY(Integer))) if postgres
+           else ProbeScore.study_id.in_(bindparam("ids", expanding=True)))
+    return select(ProbeScore.study_id, ProbeScore.condition, ProbeScore.score).where(ids, ProbeScore.current)
+
+
+def rows_for(session: Session, keys: Select[Any], order: tuple[Any, ...]) -> list[Row]:
+    """Worklist rows for the studies ``keys`` selects (ids), in ``order``: each with its current report,
+    latest verdict and current probe scores (highest first)."""
+    return _rows(session, _rows_statement(keys, order), {}, session.get_bind().dialect.name == "postgresql")
+
+
+def _rows(session: Session, statement: Select[Any], values: dict[str, Any], postgres: bool) -> list[Row]:
     rows: list[Row] = []
-    for values in session.execute(query):
-        report = ReportBrief(values[12], values[13], values[14]) if values[15] is not None else None
-        rows.append(Row(StudyBrief(*values[:12]), report, [], values[16]))
+    connection = session.connection()  # Core results: plain rows, none of the ORM's per-row work
+    for found in connection.execute(statement, values).all():
+        report = ReportBrief(found[12], found[13], found[14]) if found[15] is not None else None
+        rows.append(Row(StudyBrief(*found[:12]), report, [], found[16]))
     if rows:
         by_id = {r.study.id: r.probes for r in rows}
-        for study_id, condition, score in session.execute(
-            select(ProbeScore.study_id, ProbeScore.condition, ProbeScore.score).where(
-                _among(session, ProbeScore.study_id, list(by_id)), ProbeScore.current
-            )
-        ):
+        for study_id, condition, score in connection.execute(_probes_statement(postgres), {"ids": list(by_id)}).all():
             by_id[study_id].append((condition, score))
         for r in rows:
             r.probes.sort(key=lambda p: -p[1])
