@@ -117,14 +117,24 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+#: Where Swagger UI's own files (from the swagger-ui-bundle-v2 package) are served: same origin, no CDN.
+SWAGGER_ASSETS = "/docs-assets"
+
+
 def _add_docs(app: FastAPI) -> None:
-    """OpenAPI schema and Swagger UI at /openapi.json and /docs, for any valid token or dashboard session."""
+    """OpenAPI schema and Swagger UI at /openapi.json and /docs, for any valid token or dashboard session.
+
+    Swagger UI's script, style sheet and icon come from this server, so /docs renders on a
+    hospital network without internet access; they hold no data and need no token.
+    """
     from fastapi import Depends
     from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
 
     from preread.api.auth import SCRAPERS, require
 
     allowed = Depends(require(SCRAPERS))
+    app.mount(SWAGGER_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[allowed])
     def openapi() -> JSONResponse:
@@ -132,7 +142,14 @@ def _add_docs(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False, dependencies=[allowed])
     def docs() -> Response:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="infimed-preread API")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="infimed-preread API",
+            swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from the public validator
+        )
 
 
 def _queue_depths(settings: Settings):  # type: ignore[no-untyped-def]

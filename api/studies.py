@@ -223,7 +223,7 @@ def add_feedback(session: Session, study: Study, body: models.FeedbackIn, token_
 SEARCH_ORDER = (Study.first_received_at.desc(),)
 
 
-def search(body: models.SearchRequest, limit: int = 100) -> Select[tuple[int]]:
+def search(body: models.SearchRequest, limit: int = 100) -> Select[int]:
     """The ids of studies with the given accession number or patient ID, newest first."""
     query = select(Study.id)
     if body.accession_number:

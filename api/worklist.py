@@ -20,13 +20,19 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ARRAY, Integer, Select, and_, any_, bindparam, exists, func, literal_column, or_, select, table
 from sqlalchemy.orm import Session
 
 from preread.schemas.findings import Urgency
 from preread.schemas.tables import Feedback, ProbeScore, Report, Study, StudyState
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    #: A select of any columns.
+    AnySelect: TypeAlias = Select[*tuple[Any, ...]]
 
 MAX_PAGE = 200
 
@@ -96,7 +102,7 @@ class Shape:
     selective: bool
 
 
-def _probe_matches(min_score: bool) -> Select[tuple[int]]:
+def _probe_matches(min_score: bool) -> Select[int]:
     """Study ids whose current score of the probe is at least ``min_score`` (served by its index)."""
     query = select(ProbeScore.study_id).where(ProbeScore.condition == bindparam("probe"), ProbeScore.current)
     if min_score:
@@ -105,11 +111,11 @@ def _probe_matches(min_score: bool) -> Select[tuple[int]]:
 
 
 @lru_cache(maxsize=4)
-def _count_statement(min_score: bool) -> Select[tuple[int, float]]:
+def _count_statement(min_score: bool) -> Select[int, float]:
     """The probe filter's matches (counted up to SELECTIVE_MATCHES + 1) and the planner's estimate of the studies."""
     capped = _probe_matches(min_score).limit(SELECTIVE_MATCHES + 1).subquery()
     # The planner's estimate of the table's rows (-1 before its first ANALYZE): no count of 100,000 rows.
-    estimate = select(literal_column("reltuples")).select_from(table("pg_class")).where(
+    estimate: AnySelect = select(literal_column("reltuples")).select_from(table("pg_class")).where(
         literal_column("oid") == func.to_regclass(Study.__tablename__))
     return select(select(func.count()).select_from(capped).scalar_subquery(), estimate.scalar_subquery())
 
@@ -147,7 +153,7 @@ def _selective(session: Session, filters: Filters, page_rows: int, plans: Plans 
     return chosen
 
 
-def _filtered(query: Select[Any], shape: Shape) -> Select[Any]:
+def _filtered(query: AnySelect, shape: Shape) -> AnySelect:
     if shape.state:
         query = query.where(Study.state == bindparam("state"))
     if shape.urgency:
@@ -270,14 +276,14 @@ def page(session: Session, filters: Filters, limit: int, cursor: str | None,
 
 
 @lru_cache(maxsize=256)
-def _page_statement(shape: Shape) -> Select[Any]:
+def _page_statement(shape: Shape) -> AnySelect:
     keys = _filtered(select(Study.id), shape)
     if shape.cursor:
         keys = keys.where(_after())
     return _rows_statement(keys.order_by(*WORKLIST_ORDER).limit(bindparam("limit", type_=Integer)), WORKLIST_ORDER)
 
 
-def _rows_statement(keys: Select[Any], order: tuple[Any, ...]) -> Select[Any]:
+def _rows_statement(keys: AnySelect, order: tuple[Any, ...]) -> AnySelect:
     """The studies ``keys`` selects (ids), in ``order``, with their current report and latest verdict."""
     found = keys.subquery()
     verdict = (select(Feedback.verdict).where(Feedback.study_id == Study.id)
@@ -291,20 +297,20 @@ def _rows_statement(keys: Select[Any], order: tuple[Any, ...]) -> Select[Any]:
 
 
 @lru_cache(maxsize=2)
-def _probes_statement(postgres: bool) -> Select[tuple[int, str, float]]:
+def _probes_statement(postgres: bool) -> Select[int, str, float]:
     """Current probe scores of the studies ``ids``: one array parameter on Postgres, not a placeholder per id."""
     ids = (ProbeScore.study_id == any_(bindparam("ids", type_=ARRAY(Integer))) if postgres
            else ProbeScore.study_id.in_(bindparam("ids", expanding=True)))
     return select(ProbeScore.study_id, ProbeScore.condition, ProbeScore.score).where(ids, ProbeScore.current)
 
 
-def rows_for(session: Session, keys: Select[Any], order: tuple[Any, ...]) -> list[Row]:
+def rows_for(session: Session, keys: AnySelect, order: tuple[Any, ...]) -> list[Row]:
     """Worklist rows for the studies ``keys`` selects (ids), in ``order``: each with its current report,
     latest verdict and current probe scores (highest first)."""
     return _rows(session, _rows_statement(keys, order), {}, session.get_bind().dialect.name == "postgresql")
 
 
-def _rows(session: Session, statement: Select[Any], values: dict[str, Any], postgres: bool) -> list[Row]:
+def _rows(session: Session, statement: AnySelect, values: dict[str, Any], postgres: bool) -> list[Row]:
     rows: list[Row] = []
     connection = session.connection()  # Core results: plain rows, none of the ORM's per-row work
     for found in connection.execute(statement, values).all():

@@ -95,7 +95,7 @@ PING_IDLE_SECONDS = 10.0
 def _has_news(dbapi_connection: DBAPIConnection) -> bool:
     """Whether an idle connection's socket is readable: the server said something unasked (it is going away)."""
     try:
-        return bool(select.select([dbapi_connection.fileno()], [], [], 0)[0])  # type: ignore[attr-defined]
+        return bool(select.select([dbapi_connection.fileno()], [], [], 0)[0])
     except (OSError, ValueError, AttributeError):
         return True
 

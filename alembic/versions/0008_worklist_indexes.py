@@ -21,7 +21,7 @@ down_revision = "0007"
 branch_labels = None
 depends_on = None
 
-WORKLIST_ORDER = [sa.text("priority DESC"), sa.text("top_probe_score DESC"), "first_received_at", "id"]
+WORKLIST_ORDER: list[str | sa.TextClause] = [sa.text("priority DESC"), sa.text("top_probe_score DESC"), "first_received_at", "id"]
 
 
 def upgrade() -> None:
