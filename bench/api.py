@@ -5,8 +5,9 @@ probe scores, findings, series, instances and images (no model), starts
 ``preread api`` (uvicorn) on loopback, and times requests from one keep-alive
 client: the worklist's first page, a filtered page
 (``probe=pneumothorax&min_score=0.5``) and a study view, ``--requests`` each.
-Baselines measured in the same run: ``/healthz`` (the HTTP stack's floor, no
-database, no token) and the same three requests with the reading queue's
+Every case is timed in 10 rounds in turn, so that load from other processes
+falls on all alike. Baselines measured in the same run: ``/healthz`` (the HTTP
+stack's floor, no database, no token, timed in the same rounds) and the same three requests with the reading queue's
 indexes (migrations 0004 and 0008) dropped. Then, for each request, the
 indexes the server read for it (``pg_stat_user_indexes``, counted around a
 few more requests). Goal: p95 < 25 ms for each.
@@ -122,6 +123,23 @@ def timed(client: httpx.Client, paths: list[str]) -> list[float]:
     return out
 
 
+#: Each variant's requests are timed in this many rounds, every case in each, so that load from other
+#: processes drifting over the run falls on all cases alike.
+ROUNDS = 10
+FLOOR = "/healthz (floor: HTTP, no DB, no token)"
+
+
+def interleaved(client: httpx.Client, cases: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Milliseconds per request for each case, measured in ROUNDS rounds (after 30 warm-up requests each)."""
+    for paths in cases.values():
+        timed(client, paths[:30])
+    out: dict[str, list[float]] = {label: [] for label in cases}
+    for r in range(ROUNDS):
+        for label, paths in cases.items():
+            out[label] += timed(client, paths[r::ROUNDS])
+    return out
+
+
 def index_scans(db_url: str) -> dict[str, int]:
     """Index scans so far, by index name, as the statistics system has them."""
     with create_engine(db_url, isolation_level="AUTOCOMMIT").connect() as conn:
@@ -183,18 +201,20 @@ def main() -> None:
         }
         results: dict[str, dict[str, list[float]]] = {}
         used: dict[str, list[str]] = {}
+        load_before = os.getloadavg()[0]
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
-            timed(client, ["/healthz"] * 50)
-            floor = timed(client, ["/healthz"] * n)
             for variant in ("with indexes", "without the indexes"):
                 if variant.startswith("without"):
                     with create_engine(db_url, isolation_level="AUTOCOMMIT").connect() as conn:
                         for index in INDEXES:
                             conn.execute(text(f"DROP INDEX {index}"))
                         conn.execute(text("ANALYZE"))
-                for label, paths in cases.items():
-                    timed(client, paths[:30])  # warm-up
-                    results.setdefault(label, {})[variant] = timed(client, paths)
+                    measured = interleaved(client, cases)
+                else:
+                    measured = interleaved(client, {FLOOR: ["/healthz"] * n, **cases})
+                    floor = measured.pop(FLOOR)
+                for label, values in measured.items():
+                    results.setdefault(label, {})[variant] = values
                 if variant == "with indexes":
                     print("timed with indexes; asking Postgres which indexes each request read", file=sys.stderr)
                     time.sleep(STATS_FLUSH_S)  # the timed requests' last statistics land first
@@ -204,11 +224,13 @@ def main() -> None:
                 for ddl in INDEXES.values():
                     conn.execute(text(ddl))
         f50, f95 = p(floor, 50), p(floor, 95)
-        print(f"\nreading-queue API, {args.studies:,} studies on Postgres, {n} keep-alive requests each, one client on loopback\n")
+        print(f"\nreading-queue API, {args.studies:,} studies on Postgres, {n} keep-alive requests each, one client on loopback, "
+              f"{ROUNDS} rounds of every case in turn ({os.cpu_count()} CPUs, load average {load_before:.1f} -> "
+              f"{os.getloadavg()[0]:.1f})\n")
         header = f"| {'request':50} | {'p50 ms':>7} | {'p95 ms':>7} | {'p95 / healthz p95':>17} | {'p95 goal':>8} | {'no-index p50':>12} | {'no-index p95':>12} |"
         print(header)
         print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-        print(f"| {'/healthz (floor: HTTP, no DB, no token)':50} | {f50:7.2f} | {f95:7.2f} | {1.0:17.1f} | {'':>8} | {'':>12} | {'':>12} |")
+        print(f"| {FLOOR:50} | {f50:7.2f} | {f95:7.2f} | {1.0:17.1f} | {'':>8} | {'':>12} | {'':>12} |")
         for label, variants in results.items():
             w, wo = variants["with indexes"], variants["without the indexes"]
             ok = "met" if p(w, 95) < 25 else "MISSED"
