@@ -14,7 +14,9 @@ from sqlalchemy.orm import sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from preread.api.metrics import PipelineCollector, registry_for
-from preread.schemas.database import engine_for
+from preread.api.tokens import TokenCache
+from preread.api.worklist import Plans
+from preread.schemas.database import engine_for, views_engine
 from preread.schemas.settings import Settings
 from preread.worker.inference.thresholds import probe_thresholds
 
@@ -89,7 +91,11 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessions = sessionmaker(engine_for(settings.effective_database_url), expire_on_commit=False)
+    #: Audited reads (preread.api.views): autocommit, commits without the flush wait, pinged only when idle.
+    app.state.views = sessionmaker(views_engine(settings.effective_database_url), expire_on_commit=False)
+    app.state.tokens = TokenCache()
     app.state.thresholds = probe_thresholds(settings)
+    app.state.plans = Plans()
     app.state.registry = registry_for(
         PipelineCollector(app.state.sessions, settings, app.state.thresholds, _queue_depths(settings))
     )
@@ -111,14 +117,24 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+#: Where Swagger UI's own files (from the swagger-ui-bundle-v2 package) are served: same origin, no CDN.
+SWAGGER_ASSETS = "/docs-assets"
+
+
 def _add_docs(app: FastAPI) -> None:
-    """OpenAPI schema and Swagger UI at /openapi.json and /docs, for any valid token or dashboard session."""
+    """OpenAPI schema and Swagger UI at /openapi.json and /docs, for any valid token or dashboard session.
+
+    Swagger UI's script, style sheet and icon come from this server, so /docs renders on a
+    hospital network without internet access; they hold no data and need no token.
+    """
     from fastapi import Depends
     from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
 
     from preread.api.auth import SCRAPERS, require
 
     allowed = Depends(require(SCRAPERS))
+    app.mount(SWAGGER_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[allowed])
     def openapi() -> JSONResponse:
@@ -126,7 +142,14 @@ def _add_docs(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False, dependencies=[allowed])
     def docs() -> Response:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="infimed-preread API")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="infimed-preread API",
+            swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from the public validator
+        )
 
 
 def _queue_depths(settings: Settings):  # type: ignore[no-untyped-def]

@@ -42,7 +42,8 @@ def db_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def _unauthorized(detail: str) -> HTTPException:
+def unauthorized(detail: str) -> HTTPException:
+    """401 asking for a Bearer token."""
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -52,7 +53,7 @@ def presented_token(request: Request) -> tuple[str | None, bool]:
     if header is not None:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise _unauthorized("use 'Authorization: Bearer <token>'")
+            raise unauthorized("use 'Authorization: Bearer <token>'")
         return value.strip(), False
     cookie = request.cookies.get(SESSION_COOKIE)
     return (cookie, True) if cookie else (None, False)
@@ -62,10 +63,10 @@ def authenticate(request: Request, session: Session) -> Principal:
     """The caller, or 401; a cookie session's unsafe request without its CSRF value is refused (403)."""
     token, via_cookie = presented_token(request)
     if token is None:
-        raise _unauthorized("this endpoint needs a token: 'Authorization: Bearer <token>'")
+        raise unauthorized("this endpoint needs a token: 'Authorization: Bearer <token>'")
     principal = verify_token(session, token)
     if principal is None:
-        raise _unauthorized("the token is unknown or revoked")
+        raise unauthorized("the token is unknown or revoked")
     if via_cookie and request.method not in SAFE_METHODS:
         sent = request.headers.get(CSRF_HEADER, "")
         if not hmac.compare_digest(sent.encode(), csrf_token(token).encode()):

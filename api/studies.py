@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import ColumnElement, Integer, Select, bindparam, exists, func, select
+from sqlalchemy.orm import Session
 
 from preread.api import models
 from preread.api.urgency import from_rank, urgency_reason
 from preread.ingest.assembly.catalog import is_valid_uid
 from preread.schemas.settings import Settings
-from preread.schemas.tables import Delivery, Feedback, Image, Instance, Outbox, ProbeScore, Report, Series, Study, StudyState
+from preread.schemas.tables import Delivery, Feedback, Finding, Image, Instance, Outbox, ProbeScore, Report, Series, Study, StudyState
 from preread.worker.inference.thresholds import ProbeThreshold, threshold_for
 from preread.worker.pipeline.queues import RENDER
 from preread.worker.pipeline.stages import set_state
@@ -43,12 +43,12 @@ def find_study(session: Session, uid: str, *, lock: bool = False) -> Study:
     return study
 
 
-def probe_out(condition: str, score: float, thresholds: dict[str, ProbeThreshold], settings: Settings,
-              question: str | None = None) -> models.ProbeScoreOut:
-    """A probe score with its threshold and call."""
+def _probe_fields(condition: str, score: float, thresholds: dict[str, ProbeThreshold], settings: Settings,
+                  question: str | None = None) -> dict[str, Any]:
+    """A probe score with its threshold and call, as the fields of :class:`models.ProbeScoreOut`."""
     threshold = threshold_for(thresholds, condition, settings).priority
-    return models.ProbeScoreOut(condition=condition, score=score, threshold=threshold, positive=score >= threshold,
-                                question=question)
+    return {"condition": condition, "score": score, "threshold": threshold, "positive": score >= threshold,
+            "question": question}
 
 
 def viewer_link(settings: Settings, study: Study) -> str | None:
@@ -68,105 +68,108 @@ def reprocess_pending(session: Session, study: Study) -> bool:
     return queued is not None
 
 
-def study_detail(session: Session, study: Study, settings: Settings, thresholds: dict[str, ProbeThreshold],
-                 image_url: str) -> models.StudyOut:
-    """Everything the study page shows."""
-    series_count, instance_count = session.execute(
-        select(func.count(func.distinct(Series.id)), func.count(Instance.id))
-        .select_from(Series)
-        .outerjoin(Instance, Instance.series_id == Series.id)
-        .where(Series.study_id == study.id)
-    ).one()
-    reports = list(
-        session.scalars(
-            select(Report).where(Report.study_id == study.id).order_by(Report.id.desc()).options(selectinload(Report.findings))
-        )
-    )
+def _queued_render() -> ColumnElement[bool]:
+    """Whether the study (in the enclosing query) has a render waiting in the outbox."""
+    return exists(select(Outbox.id).where(Outbox.study_id == Study.id, Outbox.topic == RENDER, Outbox.sent_at.is_(None)))
+
+
+class _View:
+    """The study page's statements, built once with bound parameters (building one costs more than running it)."""
+
+    study_id = bindparam("study_id", type_=Integer)
+    current = select(Report.id).where(Report.study_id == study_id, Report.current).scalar_subquery()
+    study = select(
+        Study,
+        select(func.count(Series.id)).where(Series.study_id == Study.id).scalar_subquery(),
+        select(func.count(Instance.id)).join(Series, Instance.series_id == Series.id)
+        .where(Series.study_id == Study.id).scalar_subquery(),
+        _queued_render(),
+    ).where(Study.study_instance_uid == bindparam("uid"))
+    reports = (select(Report.id, Report.current, Report.created_at, Report.parse_status, Report.urgency, Report.impression,
+                      Report.model_id, Report.prompt_version, Report.draft_text, Report.structured, Report.model_revision)
+               .where(Report.study_id == study_id).order_by(Report.id.desc()))
+    findings = (select(Finding.text, Finding.anatomy, Finding.laterality, Finding.presence, Finding.severity)
+                .where(Finding.report_id == current).order_by(Finding.ordinal, Finding.id))
+    probes = (select(ProbeScore.condition, ProbeScore.score, ProbeScore.question)
+              .where(ProbeScore.study_id == study_id, ProbeScore.current).order_by(ProbeScore.score.desc()))
+    images = select(Image.width, Image.height, Image.window).where(Image.study_id == study_id).order_by(Image.ordinal, Image.id)
+    deliveries = (select(Delivery.destination, Delivery.kind, Delivery.state, Delivery.attempts, Delivery.last_error,
+                         Delivery.sent_at, Delivery.updated_at)
+                  .where(Delivery.report_id == current).order_by(Delivery.destination))
+    feedback = (select(Feedback.id, Feedback.report_id, Feedback.token_name, Feedback.verdict, Feedback.text,
+                       Feedback.labels, Feedback.created_at)
+                .where(Feedback.study_id == study_id).order_by(Feedback.id.desc()))
+
+
+def study_view(session: Session, uid: str, settings: Settings, thresholds: dict[str, ProbeThreshold],
+               image_url: str) -> models.StudyOut:
+    """Everything the study page shows, in seven statements that do not wait on each other's answers.
+
+    BadUid for a malformed UID, NoStudy for an unknown one.
+    """
+    if not is_valid_uid(uid):
+        raise BadUid("not a DICOM UID: digits and dots, at most 64 characters, no leading zeros")
+    found = session.execute(_View.study, {"uid": uid}).first()
+    if found is None:
+        raise NoStudy("no study with this Study Instance UID")
+    study, n_series, n_instances, queued = found
+    connection, by_study = session.connection(), {"study_id": study.id}  # Core results for the rest: plain rows
+    reports = connection.execute(_View.reports, by_study).all()
     current = next((r for r in reports if r.current), None)
-    probes = [
-        probe_out(c, s, thresholds, settings, q)
-        for c, s, q in session.execute(
-            select(ProbeScore.condition, ProbeScore.score, ProbeScore.question)
-            .where(ProbeScore.study_id == study.id, ProbeScore.current)
-            .order_by(ProbeScore.score.desc())
-        )
-    ]
-    images = session.execute(
-        select(Image.width, Image.height, Image.window).where(Image.study_id == study.id).order_by(Image.ordinal, Image.id)
-    ).all()
-    deliveries = [] if current is None else list(session.scalars(
-        select(Delivery).where(Delivery.report_id == current.id).order_by(Delivery.destination)
-    ))
-    feedback = session.scalars(select(Feedback).where(Feedback.study_id == study.id).order_by(Feedback.id.desc()))
-    top = (probes[0].condition, probes[0].score) if probes else None
+    findings = connection.execute(_View.findings, by_study).all() if current is not None else []
+    probes = [_probe_fields(c, s, thresholds, settings, q) for c, s, q in connection.execute(_View.probes, by_study)]
+    images = connection.execute(_View.images, by_study).all()
+    deliveries = connection.execute(_View.deliveries, by_study).all() if current is not None else []
+    feedback = connection.execute(_View.feedback, by_study).all()
+    top = (probes[0]["condition"], probes[0]["score"]) if probes else None
     report_out = None
     if current is not None:
-        report_out = models.ReportOut(
-            id=current.id,
-            created_at=current.created_at,
-            parse_status=current.parse_status,
-            draft_text=current.draft_text,
-            impression=current.impression,
-            urgency=current.urgency,
-            findings=[
-                models.FindingOut(text=f.text, anatomy=f.anatomy, laterality=f.laterality, presence=f.presence, severity=f.severity)
-                for f in current.findings
-            ],
-            structured=current.structured,
-            model_id=current.model_id,
-            model_revision=current.model_revision,
-            prompt_version=current.prompt_version,
-        )
-    return models.StudyOut(
-        study_instance_uid=study.study_instance_uid,
-        patient_name=study.patient_name,
-        patient_id=study.patient_id,
-        issuer_of_patient_id=study.issuer_of_patient_id,
-        patient_birth_date=study.patient_birth_date,
-        patient_age=study.patient_age,
-        patient_sex=study.patient_sex,
-        accession_number=study.accession_number,
-        study_description=study.study_description,
-        study_date=study.study_date,
-        modality=(study.modalities or "").split("\\")[0] or None,
-        body_part=study.body_part,
-        series_count=series_count,
-        instance_count=instance_count,
-        state=study.state,
-        error=study.error,
-        timings=models.StudyTimings(
-            first_received_at=study.first_received_at,
-            last_received_at=study.last_received_at,
-            state_changed_at=study.state_changed_at,
-            drafted_at=current.created_at if current else None,
-        ),
-        urgency=cast(models.Urgency, str(from_rank(study.priority))),
-        urgency_reason=urgency_reason(study.priority, study.urgency, current.urgency if current else None, top),
-        reprocess_pending=reprocess_pending(session, study),
-        viewer_url=viewer_link(settings, study),
-        report=report_out,
-        deliveries=[
-            models.DeliveryOut(destination=d.destination, kind=d.kind, state=d.state, attempts=d.attempts,
-                               last_error=d.last_error, sent_at=d.sent_at, updated_at=d.updated_at)
-            for d in deliveries
-        ],
-        probes=probes,
-        history=[
-            models.ReportSummary(id=r.id, current=r.current, created_at=r.created_at, parse_status=r.parse_status,
-                                 urgency=r.urgency, impression=r.impression, model_id=r.model_id,
-                                 prompt_version=r.prompt_version)
+        report_out = {
+            "id": current.id, "created_at": current.created_at, "parse_status": current.parse_status,
+            "draft_text": current.draft_text, "impression": current.impression, "urgency": current.urgency,
+            "findings": [f._asdict() for f in findings], "structured": current.structured,
+            "model_id": current.model_id, "model_revision": current.model_revision,
+            "prompt_version": current.prompt_version,
+        }
+    return models.StudyOut.model_validate({
+        "study_instance_uid": study.study_instance_uid,
+        "patient_name": study.patient_name,
+        "patient_id": study.patient_id,
+        "issuer_of_patient_id": study.issuer_of_patient_id,
+        "patient_birth_date": study.patient_birth_date,
+        "patient_age": study.patient_age,
+        "patient_sex": study.patient_sex,
+        "accession_number": study.accession_number,
+        "study_description": study.study_description,
+        "study_date": study.study_date,
+        "modality": (study.modalities or "").split("\\")[0] or None,
+        "body_part": study.body_part,
+        "series_count": n_series,
+        "instance_count": n_instances,
+        "state": study.state,
+        "error": study.error,
+        "timings": {
+            "first_received_at": study.first_received_at,
+            "last_received_at": study.last_received_at,
+            "state_changed_at": study.state_changed_at,
+            "drafted_at": current.created_at if current else None,
+        },
+        "urgency": str(from_rank(study.priority)),
+        "urgency_reason": urgency_reason(study.priority, study.urgency, current.urgency if current else None, top),
+        "reprocess_pending": study.state in IN_FLIGHT or bool(queued),
+        "viewer_url": viewer_link(settings, study),
+        "report": report_out,
+        "deliveries": [d._asdict() for d in deliveries],
+        "probes": probes,
+        "history": [
+            {"id": r.id, "current": r.current, "created_at": r.created_at, "parse_status": r.parse_status,
+             "urgency": r.urgency, "impression": r.impression, "model_id": r.model_id, "prompt_version": r.prompt_version}
             for r in reports
         ],
-        images=[
-            models.ImageOut(n=n, url=image_url.format(n=n), width=w, height=h, window=win)
-            for n, (w, h, win) in enumerate(images)
-        ],
-        feedback=[
-            models.FeedbackOut(id=f.id, report_id=f.report_id, token_name=f.token_name, verdict=cast(models.Verdict, f.verdict), text=f.text,
-                               labels=dict(f.labels or {}), created_at=f.created_at)
-            for f in feedback
-        ],
-    )
+        "images": [{"n": n, "url": image_url.format(n=n), "width": w, "height": h, "window": win}
+                   for n, (w, h, win) in enumerate(images)],
+        "feedback": [{**f._asdict(), "labels": dict(f.labels or {})} for f in feedback],
+    })
 
 
 def image_path(session: Session, study: Study, n: int) -> Path:
@@ -216,11 +219,15 @@ def add_feedback(session: Session, study: Study, body: models.FeedbackIn, token_
     return row
 
 
-def search(session: Session, body: models.SearchRequest, limit: int = 100) -> list[Study]:
-    """Studies with the given accession number or patient ID, newest first."""
-    query = select(Study)
+#: Search results come newest first.
+SEARCH_ORDER = (Study.first_received_at.desc(),)
+
+
+def search(body: models.SearchRequest, limit: int = 100) -> Select[int]:
+    """The ids of studies with the given accession number or patient ID, newest first."""
+    query = select(Study.id)
     if body.accession_number:
         query = query.where(Study.accession_number == body.accession_number)
     if body.patient_id:
         query = query.where(Study.patient_id == body.patient_id)
-    return list(session.scalars(query.order_by(Study.first_received_at.desc()).limit(limit)))
+    return query.order_by(*SEARCH_ORDER).limit(limit)

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -32,10 +33,11 @@ class TokenError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the token's name and role."""
+    """Who is calling: the token's name and role (and its key, which finds its row)."""
 
     name: str
     role: ApiRole
+    key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +93,44 @@ def verify_token(session: Session, presented: str) -> Principal | None:
     ok = hmac.compare_digest(_hash(secret), expected)
     if not ok or row is None or row.revoked_at is not None:
         return None
-    return Principal(row.name, ApiRole(row.role))
+    return Principal(row.name, ApiRole(row.role), key)
+
+
+class TokenCache:
+    """Tokens verified recently, by key: the presented secret's hash and the principal (never the secret).
+
+    A hit spares the lookup, not the revocation check: whoever takes a principal from
+    here must confirm in the database, before answering, that the token is still
+    unrevoked (an audited view does it in the same statement as its audit row,
+    :func:`preread.api.views.View.record`), and :meth:`forget` it when it is not.
+    """
+
+    def __init__(self, seconds: float = 300.0, size: int = 256) -> None:
+        self.seconds, self.size = seconds, size
+        self._known: dict[str, tuple[float, str, Principal]] = {}
+
+    def get(self, presented: str) -> Principal | None:
+        """The principal of a token verified within ``seconds`` whose secret matches, compared in constant time."""
+        match = _TOKEN_PATTERN.match(presented.strip())
+        if not match:
+            return None
+        found = self._known.get(match.group(1))
+        if found is None or time.monotonic() - found[0] > self.seconds:
+            return None
+        return found[2] if hmac.compare_digest(_hash(match.group(2)), found[1]) else None
+
+    def put(self, presented: str, principal: Principal) -> None:
+        """Remember a token :func:`verify_token` has just accepted."""
+        match = _TOKEN_PATTERN.match(presented.strip())
+        if not match:
+            return
+        if len(self._known) >= self.size:
+            self._known.clear()
+        self._known[match.group(1)] = (time.monotonic(), _hash(match.group(2)), principal)
+
+    def forget(self, key: str) -> None:
+        """Drop a token found revoked (or gone), so its next request is looked up and refused."""
+        self._known.pop(key, None)
 
 
 def csrf_token(presented: str) -> str:

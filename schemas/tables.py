@@ -151,9 +151,11 @@ class Study(Base):
     __table_args__ = (
         Index("ix_studies_state_changed", "state", "state_changed_at"),
         Index("ix_studies_last_received_at", "last_received_at"),
-        #: The reading worklist's order: urgency rank, highest probe score (both scanned backwards), arrival.
-        Index("ix_studies_worklist", "priority", "top_probe_score", "first_received_at", "id"),
     )
+
+
+#: The reading worklist's order as stored: urgency rank and highest probe score descending, then arrival.
+Index("ix_studies_worklist", Study.priority.desc(), Study.top_probe_score.desc(), Study.first_received_at, Study.id)
 
 
 class Series(Base):
@@ -301,6 +303,15 @@ class ProbeScore(Base):
             "condition",
             "score",
             "study_id",
+            postgresql_where=text("current"),
+            sqlite_where=text("current"),
+        ),
+        #: A study's current scores from the index alone: the worklist rows' probes and the probe filter's check.
+        Index(
+            "ix_probe_scores_current_study",
+            "study_id",
+            "condition",
+            "score",
             postgresql_where=text("current"),
             sqlite_where=text("current"),
         ),

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select, update
 
+from preread.api import models
 from preread.schemas.findings import Urgency
 from preread.schemas.tables import AuditEvent, Delivery, Feedback, Heartbeat, Outbox, ProbeScore, Report, Study, utcnow
 from tests.api.conftest import PHI, Stack
@@ -40,9 +41,15 @@ def _expected_order(stack: Stack) -> list[str]:
     return [r[0] for r in sorted(rows, key=lambda r: (-r[1], -r[2], r[3], r[4]))]
 
 
+def _same_as_model(response: httpx.Response) -> None:
+    """The worklist's JSON, written without building models, is byte for byte what WorklistPage gives."""
+    assert models.WorklistPage.model_validate_json(response.content).model_dump_json().encode() == response.content
+
+
 def _worklist(client: httpx.Client, **params: object) -> list[dict]:
     response = client.get("/api/v1/worklist", params={k: v for k, v in params.items() if v is not None})
     assert response.status_code == 200, response.text
+    _same_as_model(response)
     return response.json()["items"]
 
 
@@ -140,6 +147,71 @@ def test_auth_and_roles(stack: Stack) -> None:
     assert dup.returncode == 2 and "exists" in dup.stderr
 
 
+def _audit_actions(stack: Stack, token_name: str) -> list[str]:
+    engine = _db(stack)
+    with engine.connect() as conn:
+        actions = conn.execute(select(AuditEvent.action).where(AuditEvent.token_name == token_name)
+                               .order_by(AuditEvent.id)).scalars().all()
+    engine.dispose()
+    return list(actions)
+
+
+def test_every_view_is_audited_and_a_revoked_token_sees_nothing(stack: Stack) -> None:
+    """Views served with a recently verified (cached) token still write their audit row each time, and
+    revoking the token refuses its very next request with 401, on every view, even where the answer would be 404."""
+    uid = stack.studies["stat"]
+    token = stack.run("token", "create", "shift-reader", "--role", "read").stdout.strip()
+    views = [
+        ("GET", "/api/v1/worklist", None, "view_worklist"),
+        ("GET", f"/api/v1/studies/{uid}", None, "view_study"),
+        ("GET", f"/api/v1/studies/{uid}/images/0", None, "view_image"),
+        ("POST", "/api/v1/search", {"accession_number": "ACC-STAT"}, "search"),
+    ]
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
+        for _ in range(3):  # the first request looks the token up, the next ones find it verified
+            for method, path, body, _action in views:
+                assert client.request(method, path, json=body).status_code == 200, path
+        assert _audit_actions(stack, "shift-reader") == [action for _ in range(3) for *_, action in views]
+        assert stack.run("token", "revoke", "shift-reader").returncode == 0
+        # First an unknown study (it would be 404) while the token is still remembered as verified.
+        for method, path, body, _action in [("GET", "/api/v1/studies/1.2.3.4.5.6", None, ""),
+                                            ("GET", "/api/v1/studies/1.2.abc", None, ""), *views]:
+            refused = client.request(method, path, json=body)
+            assert refused.status_code == 401, (path, refused.status_code)
+            assert refused.headers["www-authenticate"] == "Bearer" and "items" not in refused.text
+    assert len(_audit_actions(stack, "shift-reader")) == 3 * len(views), "nothing is recorded as seen after revocation"
+
+
+def test_docs_load_only_their_own_assets(stack: Stack) -> None:
+    """/docs (Swagger UI) names no other origin and its script, style sheet and icon are served here (offline sites)."""
+    from html.parser import HTMLParser
+
+    class Assets(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.urls: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+
+    with stack.client("read") as client:
+        docs = client.get("/docs")
+        assert docs.status_code == 200
+        assert "http://" not in docs.text and "https://" not in docs.text and "//cdn" not in docs.text
+        parser = Assets()
+        parser.feed(docs.text)
+        assert len(parser.urls) == 3, parser.urls  # script, style sheet, icon
+        kinds = set()
+        for url in parser.urls:
+            assert url.startswith("/") and not url.startswith("//"), url
+            asset = httpx.get(stack.url + url)  # no token needed: Swagger UI's own files, no data
+            assert asset.status_code == 200 and len(asset.content) > 500, url
+            kinds.add(asset.headers["content-type"].split(";")[0])
+        assert {"text/javascript", "text/css", "image/png"} <= kinds
+        assert "SwaggerUIBundle" in client.get("/docs-assets/swagger-ui-bundle.js").text
+    assert httpx.get(stack.url + "/docs").status_code == 401, "the page itself still needs a token"
+
+
 def test_study_view_bad_uids_and_images(stack: Stack) -> None:
     uid = stack.studies["stat"]
     with stack.client("read") as client:
@@ -159,7 +231,9 @@ def test_study_view_bad_uids_and_images(stack: Stack) -> None:
         assert malformed.status_code == 422 and "not a DICOM UID" in malformed.json()["detail"]
         unknown = client.get("/api/v1/studies/1.2.3.4.5.6")
         assert unknown.status_code == 404 and "no study" in unknown.json()["detail"]
-        found = client.post("/api/v1/search", json={"patient_id": PHI[1]}).json()["items"]
+        searched = client.post("/api/v1/search", json={"patient_id": PHI[1]})
+        _same_as_model(searched)
+        found = searched.json()["items"]
         assert [i["study_instance_uid"] for i in found] == [uid]
         assert client.post("/api/v1/search", json={"accession_number": "ACC-ROUT"}).json()["items"][0]["study_instance_uid"] == stack.studies["routine"]
         assert client.post("/api/v1/search", json={}).status_code == 422
@@ -211,6 +285,8 @@ def test_feedback_changes_quality(stack: Stack) -> None:
         assert after["feedback"][0]["text"] == "Edited text."
         bad = client.post(f"/api/v1/studies/{stack.studies[hi]}/feedback", json={"verdict": "maybe"})
         assert bad.status_code == 422
+        latest = {i["study_instance_uid"]: i["feedback"] for i in _worklist(client)}
+        assert latest[stack.studies[hi]] == "edit" and latest[stack.studies[lo]] == "reject", "the worklist shows the latest verdict"
 
 
 def _metric(text: str, name: str) -> float:

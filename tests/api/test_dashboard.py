@@ -129,3 +129,24 @@ def test_read_and_answer_a_draft(stack: Stack, page, tmp_path: Path) -> None:  #
     assert page.locator(f'#probe-table tr[data-probe="{probe}"]').count() == 1
     assert page.locator("#chart svg rect").count() > 0
     _shot(page, tmp_path, "quality")
+
+
+def test_docs_render_without_internet(stack: Stack, page) -> None:  # type: ignore[no-untyped-def]
+    """Swagger UI renders the API's operations with every request to another origin blocked (a hospital network)."""
+    outside: list[str] = []
+
+    def only_here(route) -> None:  # type: ignore[no-untyped-def]
+        if route.request.url.startswith(stack.url + "/"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_here)
+    page.set_extra_http_headers({"Authorization": f"Bearer {stack.tokens['read']}"})
+    page.goto(stack.url + "/docs")
+    page.locator(".swagger-ui .info .title").wait_for()
+    assert "infimed-preread" in page.locator(".swagger-ui .info .title").inner_text()
+    page.locator(".opblock").first.wait_for()
+    assert page.locator(".opblock").count() >= 8, "the API's operations are listed"
+    assert outside == [], f"/docs asked other origins for {outside}"

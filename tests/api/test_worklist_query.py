@@ -47,9 +47,9 @@ def _all_pages(url: str, filters: worklist.Filters, limit: int) -> list[int]:
     raise AssertionError("pagination did not end")
 
 
-@pytest.mark.parametrize("selective_limit", [3000, 0], ids=["matches-first", "walk-the-order"])
+@pytest.mark.parametrize("selective_limit", [3000, -1], ids=["matches-first", "walk-the-order"])
 def test_order_pages_and_probe_filter(db_url: str, selective_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worklist, "SELECTIVE_MATCHES", selective_limit)
+    monkeypatch.setattr(worklist, "selective_limit", lambda page_rows, studies: selective_limit)
     truth = _fill(db_url)
     expected = sorted(truth, key=lambda i: (-truth[i][0], -truth[i][1], truth[i][2], i))
     assert _all_pages(db_url, worklist.Filters(), 50) == expected
