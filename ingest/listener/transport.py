@@ -32,6 +32,11 @@ this module, if the internals used here change. What is used:
   on the accept thread (no TLS there), with a listen backlog of
   :data:`LISTEN_BACKLOG`, and can serve a listening socket shared by
   sibling processes;
+* :class:`ListenerServer` hands every association the same supported presentation
+  contexts (:class:`SharedContexts`, one snapshot taken when the server is made)
+  where pynetdicom deep-copies ~170 contexts and ~2,200 transfer syntax UIDs
+  per association (tens of milliseconds of CPU per association, and an archive
+  sweep's C-MOVE opens one per study); negotiation only reads them;
 * :meth:`ListenerServer.service_actions` replaces pynetdicom's ``gc.collect()`` every 60 accepts
   (several a second under a connection flood) by one every :data:`GC_INTERVAL` seconds;
 * :func:`quiet_pynetdicom` sets ``_config.LOG_HANDLER_LEVEL`` to skip
@@ -42,6 +47,7 @@ Association negotiation, the state machine and the service classes are pynetdico
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import socket
@@ -359,6 +365,19 @@ def close_spools(assoc: Any) -> None:
 Judge = Callable[[gate.AssociationRequest, str], "gate.Rejection | None"]
 
 
+class SharedContexts(list):  # type: ignore[type-arg]
+    """The server's supported presentation contexts; ``deepcopy`` gives a shallow copy.
+
+    pynetdicom's ``RequestHandler._create_association`` deep-copies the
+    server's contexts into every association; negotiation
+    (``negotiate_as_acceptor``) only reads them, building new result contexts,
+    and nothing changes this snapshot once the server is made.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
+
+
 class ListenerServer(ThreadedAssociationServer):
     """pynetdicom's threaded server whose connections pass the gate before they become associations.
 
@@ -391,6 +410,7 @@ class ListenerServer(ThreadedAssociationServer):
         self._tickets_lock = threading.Lock()
         self._last_gc = time.monotonic()
         super().__init__(*args, **kwargs)
+        self.contexts = SharedContexts(copy.deepcopy(self.contexts))
 
     def server_bind(self) -> None:
         assert self.socket is not None

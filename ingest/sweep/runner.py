@@ -221,19 +221,23 @@ class SweepRunner(threading.Thread):
         return True
 
     def _one(self, row_id: int, study_uid: str, expected: int | None, attempts: int, assoc: Any = None) -> None:
-        """Count (once), retrieve, check and release one study (on ``assoc``, the worker's association).
+        """Count (if the source gave no count), retrieve, check and release one study (on ``assoc``, the worker's
+        association).
 
         Two short transactions per study: one records the count and the attempt
         before the retrieve, one checks what arrived and releases (or not) after it.
+        The count is the larger of the one taken before (the study query's, or
+        IMAGE level) and the instances the source said it sent or failed to send.
         """
         if self.stop_event.is_set():
             return
+        raised = False
         try:
             with ExitStack() as stack:
-                if assoc is None:  # DICOM: one association for the count and the retrieve
-                    assoc = stack.enter_context(self.retriever.association())
                 counted = expected is None
                 if expected is None:
+                    if assoc is None:  # DICOM: one association for the count and the retrieve
+                        assoc = stack.enter_context(self.retriever.association())
                     expected = len(self.query.count_instances(study_uid, assoc))
                 with session_scope(self.url) as session:
                     _, received = ledger.received_count(session, study_uid)
@@ -251,12 +255,17 @@ class SweepRunner(threading.Thread):
                     if result.failed:
                         log.info("sweep %d: study %s: %d sub-operations failed at the source", self.sweep_id,
                                  study_uid, result.failed)
+                    sent = result.completed + result.failed + result.warning
+                    if sent > expected:
+                        expected, raised = sent, True
         except SourceUnavailable:
             raise
         except Exception as exc:
             self._failed_attempt(row_id, study_uid, attempts, f"{type(exc).__name__}: {exc}"[:500])
             return
         with session_scope(self.url) as session:
+            if raised:
+                ledger.set_study(session, row_id, expected=expected)
             study_id, received = ledger.received_count(session, study_uid)
             self._check(session, row_id, study_uid, study_id, expected, received, attempts)
 

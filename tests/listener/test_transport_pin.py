@@ -18,6 +18,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.presentation import negotiate_as_acceptor
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,3 +93,13 @@ def test_server_hooks() -> None:
     assert "self.ae._servers.remove" in _source(AssociationServer.shutdown), _fail("AssociationServer.shutdown")
     assert hasattr(_config, "LOG_HANDLER_LEVEL"), _fail("_config.LOG_HANDLER_LEVEL")
     assert "gc.collect()" in _source(AssociationServer.service_actions), _fail("AssociationServer.service_actions")
+
+
+def test_acceptor_contexts_are_deep_copied_and_only_read() -> None:
+    # SharedContexts makes the per-association deepcopy of the server's contexts a shallow copy: that is safe
+    # only while the copy goes through copy.deepcopy and negotiation never writes to the acceptor's contexts
+    assert "deepcopy(self.server.contexts)" in _source(RequestHandler._create_association), \
+        _fail("RequestHandler._create_association (deepcopy of the server's contexts)")
+    negotiate = _source(negotiate_as_acceptor)
+    assert "ac_context" in negotiate and not re.search(r"ac_context\.\w+\s*=[^=]", negotiate), \
+        _fail("presentation.negotiate_as_acceptor (writes to the acceptor's contexts)")
