@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -43,13 +44,18 @@ def take_stored(assoc: Any) -> set[str]:
         return _stored.pop(assoc, set())
 
 
-def hint_released(engine: Engine, settings: Settings, study_uids: set[str]) -> int:
-    """Set the release hint on those of ``study_uids`` still RECEIVING; returns how many."""
+def hint_released(engine: Engine, settings: Settings, study_uids: set[str],
+                  writer: AbstractContextManager[Any] | None = None) -> int:
+    """Set the release hint on those of ``study_uids`` still RECEIVING; returns how many.
+
+    ``writer``: the index's SQLite writer turn (:class:`~preread.ingest.assembly.index.WriterLock`),
+    taken for the transaction so that it waits its turn instead of busy-polling the file lock.
+    """
     if not study_uids:
         return 0
     now = utcnow()
     hinted = 0
-    with engine.begin() as conn:
+    with writer or nullcontext(), engine.begin() as conn:
         rows = conn.execute(
             select(Study.id, Study.modalities)
             .where(Study.study_instance_uid.in_(sorted(study_uids)), Study.state == StudyState.RECEIVING)
@@ -65,11 +71,12 @@ def hint_released(engine: Engine, settings: Settings, study_uids: set[str]) -> i
     return hinted
 
 
-def handle_released(event: Event, engine: Engine, settings: Settings) -> None:
+def handle_released(event: Event, engine: Engine, settings: Settings,
+                    writer: AbstractContextManager[Any] | None = None) -> None:
     """``evt.EVT_RELEASED``: the studies this association stored are complete after their grace."""
     uids = take_stored(event.assoc)
     try:
-        count = hint_released(engine, settings, uids)
+        count = hint_released(engine, settings, uids, writer)
     except Exception as exc:  # the idle timer is the fallback: a failed hint only delays
         LOGGER.warning("release hint not recorded (%d studies): %s", len(uids), type(exc).__name__)
         return

@@ -21,11 +21,15 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from preread.ingest.assembly.index import writer_lock
 from preread.ingest.listener.ae import IngestContext
 from preread.ingest.sweep import ledger
 from preread.ingest.sweep.dimse import SourceUnavailable
@@ -43,7 +47,7 @@ from preread.ingest.sweep.sources import (
 )
 from preread.ingest.sweep.store import ingest_context
 from preread.ingest.sweep.window import Window, parse_cron, parse_window
-from preread.schemas.database import session_scope
+from preread.schemas.database import engine_for, session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import SweepState, SweepStudyState, utcnow
 
@@ -102,6 +106,8 @@ class SweepRunner(threading.Thread):
         self.ctx = ingest_context(settings) if needs_ctx else None
         self.query, self.retriever = clients(source, settings, self.ctx)
         self.model_id = settings.model
+        #: SQLite's one writer at a time, handed over at once (as to the listener's index) instead of busy-polled
+        self.writer = writer_lock(engine_for(self.url))
         self.prompt_version = prompt_version(settings)
 
     def run(self) -> None:
@@ -117,6 +123,12 @@ class SweepRunner(threading.Thread):
         except Exception as exc:  # the next coordinator pass starts it again
             log.exception("sweep %d: %s: %s", self.sweep_id, type(exc).__name__, exc)
             self.stop_event.wait(IDLE_S)
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """A transaction that writes, taking its turn with the listener's writers on a SQLite file."""
+        with self.writer, session_scope(self.url) as session:
+            yield session
 
     def _note(self, text: str | None) -> None:
         with session_scope(self.url) as session:
@@ -239,7 +251,7 @@ class SweepRunner(threading.Thread):
                     if assoc is None:  # DICOM: one association for the count and the retrieve
                         assoc = stack.enter_context(self.retriever.association())
                     expected = len(self.query.count_instances(study_uid, assoc))
-                with session_scope(self.url) as session:
+                with self._writing() as session:
                     _, received = ledger.received_count(session, study_uid)
                     fetch = expected == 0 or received < expected
                     values: dict[str, Any] = {"expected": expected} if counted else {}
@@ -263,7 +275,7 @@ class SweepRunner(threading.Thread):
         except Exception as exc:
             self._failed_attempt(row_id, study_uid, attempts, f"{type(exc).__name__}: {exc}"[:500])
             return
-        with session_scope(self.url) as session:
+        with self._writing() as session:
             if raised:
                 ledger.set_study(session, row_id, expected=expected)
             study_id, received = ledger.received_count(session, study_uid)

@@ -7,10 +7,13 @@ study is held from the stability monitor until the sweep releases it.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select
@@ -284,3 +287,42 @@ def test_a_pacs_that_does_not_know_our_ae_fails_the_sweep_naming_what_to_configu
         assert sweep.state == SweepState.FAILED
         assert sweep.error is not None and "PREREAD" in sweep.error and "c-get" in sweep.error
     assert rows(url, sweep_id)[uid].state in ("counted", "retrieving"), "the study stays held for a resume"
+
+
+@pytest.mark.parametrize("associations", [1, 2])
+def test_retrieves_overlap_up_to_the_association_cap_and_no_further(
+    tmp_path: Path, settings: Settings, listener: Listener, associations: int
+) -> None:
+    studies = [make_study(tmp_path / "in", DAY1, hour=8 + k) for k in range(4)]
+    orthanc = start_orthanc(tmp_path, settings)
+    record = listener.ctx.index.record
+    lock = threading.Lock()
+    storing: set[str] = set()
+    together: list[int] = []
+
+    def slow_record(ds: Any, ident: Any, *args: Any, **kwargs: Any) -> bool:
+        """The listener indexing an instance, held long enough for a concurrent move to show."""
+        with lock:
+            storing.add(ident.study_uid)
+            together.append(len(storing))
+        time.sleep(0.4)
+        try:
+            return record(ds, ident, *args, **kwargs)
+        finally:
+            with lock:
+                storing.discard(ident.study_uid)
+
+    try:
+        orthanc.upload([f for _, files in studies for f in files])
+        listener.ctx.index.record = slow_record  # type: ignore[method-assign]
+        url = settings.effective_database_url
+        sweep_id = new_sweep(url, DAY1, DAY1)
+        runner = SweepRunner(sweep_id, settings, source_for("dicom", orthanc, max_associations=associations), None,
+                             owner="test-owner")
+        drive(runner)
+    finally:
+        listener.ctx.index.record = record  # type: ignore[method-assign]
+        orthanc.stop()
+    assert all(r.state == "released" for r in rows(url, sweep_id).values()) and len(together) == 4
+    assert max(together) == associations, (
+        f"with max_associations = {associations}, the listener received {max(together)} studies at once")
