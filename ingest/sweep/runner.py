@@ -21,8 +21,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -222,23 +222,34 @@ class SweepRunner(threading.Thread):
                             self._failed_attempt(row[0], row[1], row[3] + 1, f"{type(exc).__name__}: {exc}"[:500])
                             assoc = None
                             continue
-                    self._one(*row, assoc=assoc)
+                    self._one(*row, assoc=assoc, later=later)
 
         workers = min(len(rows), self.source.max_associations)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sweep{self.sweep_id}") as pool:
-            for future in [pool.submit(worker) for _ in range(workers)]:
-                future.result()
+        # the check and release after a retrieve run beside the next retrieve, not between two on an association
+        checks: list[Future[None]] = []
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sweep{self.sweep_id}-check") as checker:
+
+            def later(check: Callable[[], None]) -> None:
+                checks.append(checker.submit(check))
+
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sweep{self.sweep_id}") as pool:
+                for future in [pool.submit(worker) for _ in range(workers)]:
+                    future.result()
+        for check in checks:
+            check.result()
         with session_scope(self.url) as session:
             ledger.set_sweep(session, self.sweep_id, counts=ledger.counts(session, self.sweep_id).as_dict(), note=None)
         return True
 
-    def _one(self, row_id: int, study_uid: str, expected: int | None, attempts: int, assoc: Any = None) -> None:
+    def _one(self, row_id: int, study_uid: str, expected: int | None, attempts: int, assoc: Any = None,
+             later: Callable[[Callable[[], None]], None] | None = None) -> None:
         """Count (if the source gave no count), retrieve, check and release one study (on ``assoc``, the worker's
         association).
 
         Two short transactions per study: one records the count and the attempt
-        before the retrieve, one checks what arrived and releases (or not) after it.
-        The count is the larger of the one taken before (the study query's, or
+        before the retrieve, one checks what arrived and releases (or not) after
+        it, handed to ``later`` when given (the batch's checker threads). The
+        count is the larger of the one taken before (the study query's, or
         IMAGE level) and the instances the source said it sent or failed to send.
         """
         if self.stop_event.is_set():
@@ -275,11 +286,20 @@ class SweepRunner(threading.Thread):
         except Exception as exc:
             self._failed_attempt(row_id, study_uid, attempts, f"{type(exc).__name__}: {exc}"[:500])
             return
-        with self._writing() as session:
-            if raised:
-                ledger.set_study(session, row_id, expected=expected)
-            study_id, received = ledger.received_count(session, study_uid)
-            self._check(session, row_id, study_uid, study_id, expected, received, attempts)
+        assert expected is not None
+        counted_expected = expected
+
+        def check() -> None:
+            with self._writing() as session:
+                if raised:
+                    ledger.set_study(session, row_id, expected=counted_expected)
+                study_id, received = ledger.received_count(session, study_uid)
+                self._check(session, row_id, study_uid, study_id, counted_expected, received, attempts)
+
+        if later is None:
+            check()
+        else:
+            later(check)
 
     def _failed_attempt(self, row_id: int, study_uid: str, attempts: int, error: str) -> None:
         attempts = max(attempts, 1)
