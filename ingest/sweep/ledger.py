@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -176,7 +176,7 @@ def next_studies(session: Session, sweep_id: int, limit: int) -> list[SweepStudy
     ))
 
 
-def received_count(session: Session, study_uid: str) -> tuple[int | None, int]:
+def received_count(session: Session | Connection, study_uid: str) -> tuple[int | None, int]:
     """(study id or None, instances stored here) for a Study Instance UID, in one statement."""
     row = session.execute(
         select(Study.id, func.count(Instance.id))
@@ -191,12 +191,12 @@ def received_count(session: Session, study_uid: str) -> tuple[int | None, int]:
     return int(row[0]), int(row[1])
 
 
-def set_study(session: Session, row_id: int, **values: Any) -> None:
+def set_study(session: Session | Connection, row_id: int, **values: Any) -> None:
     """Update one sweep-study row."""
     session.execute(update(SweepStudy).where(SweepStudy.id == row_id).values(updated_at=utcnow(), **values))
 
 
-def release(session: Session, row_id: int, study_id: int, state: SweepStudyState, received: int,
+def release(session: Session | Connection, row_id: int, study_id: int, state: SweepStudyState, received: int,
             error: str | None) -> bool:
     """Hand a checked study to the pipeline: STABLE, lowest priority, one outbox row; False if already released.
 

@@ -27,7 +27,7 @@ from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from preread.ingest.assembly.index import writer_lock
 from preread.ingest.listener.ae import IngestContext
@@ -107,7 +107,8 @@ class SweepRunner(threading.Thread):
         self.query, self.retriever = clients(source, settings, self.ctx)
         self.model_id = settings.model
         #: SQLite's one writer at a time, handed over at once (as to the listener's index) instead of busy-polled
-        self.writer = writer_lock(engine_for(self.url))
+        self.engine = engine_for(self.url)
+        self.writer = writer_lock(self.engine)
         self.prompt_version = prompt_version(settings)
 
     def run(self) -> None:
@@ -125,10 +126,11 @@ class SweepRunner(threading.Thread):
             self.stop_event.wait(IDLE_S)
 
     @contextmanager
-    def _writing(self) -> Iterator[Session]:
-        """A transaction that writes, taking its turn with the listener's writers on a SQLite file."""
-        with self.writer, session_scope(self.url) as session:
-            yield session
+    def _writing(self) -> Iterator[Connection]:
+        """A short writing transaction (Core, no ORM session), taking its turn with the listener's writers on a
+        SQLite file."""
+        with self.writer, self.engine.begin() as conn:
+            yield conn
 
     def _note(self, text: str | None) -> None:
         with session_scope(self.url) as session:
@@ -310,7 +312,7 @@ class SweepRunner(threading.Thread):
             ledger.set_study(session, row_id, attempts=attempts, error=error,
                              state=str(SweepStudyState.FAILED if final else SweepStudyState.COUNTED))
 
-    def _check(self, session: Any, row_id: int, study_uid: str, study_id: int | None, expected: int, received: int,
+    def _check(self, session: Connection, row_id: int, study_uid: str, study_id: int | None, expected: int, received: int,
                attempts: int) -> None:
         """Release a complete study; retry a short one; release a still-short one as incomplete."""
         if expected > 0 and received >= expected:
