@@ -100,7 +100,8 @@ def _dry_run(source_name: str, start: date, end: date, modalities: list[str], fo
                 if s.study_uid in drafted:
                     skipped += 1
                     continue
-                typer.echo(f"{s.study_date} {s.study_uid} {s.modalities or '-'} {len(query.count_instances(s.study_uid))}")
+                count = s.instances if s.instances is not None else len(query.count_instances(s.study_uid))
+                typer.echo(f"{s.study_date} {s.study_uid} {s.modalities or '-'} {count}")
                 total += 1
             day += timedelta(days=1)
     except (SourceUnavailable, RuntimeError) as exc:

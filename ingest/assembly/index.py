@@ -113,7 +113,8 @@ class InstanceIndex:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._writer = writer_lock(engine)
+        #: the SQLite file's writer turn (nothing on Postgres); the listener's other writers take it too
+        self.writer = writer_lock(engine)
         self._ids: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
         self._lock = threading.Lock()
         dialect = engine.dialect.name
@@ -160,7 +161,7 @@ class InstanceIndex:
         header = full_header() if full_header is not None else ds
         for attempt in (1, 2):
             try:
-                with self._writer, Session(self.engine) as session, session.begin():
+                with self.writer, Session(self.engine) as session, session.begin():
                     study_id, new = record_instance(session, header, path, size, transfer_syntax_uid=transfer_syntax,
                                                      ident=ident)
                     series_id = session.execute(
@@ -188,7 +189,7 @@ class InstanceIndex:
         if self._raw:
             return self._record_raw(ds, ident, ids, path, size, transfer_syntax, now)
         try:
-            with self._writer, self.engine.begin() as conn:
+            with self.writer, self.engine.begin() as conn:
                 new = self._insert_row(conn, ds, ident, series_id, path, size, transfer_syntax, now)
                 if new and conn.execute(_TOUCH, {"b_study_id": study_id, "b_now": now}).rowcount != 1:
                     raise _Stale
@@ -220,7 +221,7 @@ class InstanceIndex:
         touch = tuple(values[name] for name in _TOUCH_PARAMS)
         for attempt in (1, 2):
             try:
-                with self._writer:
+                with self.writer:
                     conn = self.engine.raw_connection()
                     try:
                         if self._postgres:

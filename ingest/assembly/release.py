@@ -19,6 +19,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -46,13 +47,18 @@ def take_stored(assoc: Any) -> set[str]:
         return _stored.pop(assoc, set())
 
 
-def hint_released(engine: Engine, settings: Settings, study_uids: set[str]) -> list[float]:
-    """Set the release hint on those of ``study_uids`` still RECEIVING; returns the grace of each hinted."""
+def hint_released(engine: Engine, settings: Settings, study_uids: set[str],
+                  writer: AbstractContextManager[Any] | None = None) -> list[float]:
+    """Set the release hint on those of ``study_uids`` still RECEIVING; returns the grace of each hinted.
+
+    ``writer``: the index's SQLite writer turn (:class:`~preread.ingest.assembly.index.WriterLock`),
+    taken for the transaction so that it waits its turn instead of busy-polling the file lock.
+    """
     if not study_uids:
         return []
     now = utcnow()
     hinted: list[float] = []
-    with engine.begin() as conn:
+    with writer or nullcontext(), engine.begin() as conn:
         rows = conn.execute(
             select(Study.id, Study.modalities)
             .where(Study.study_instance_uid.in_(sorted(study_uids)), Study.state == StudyState.RECEIVING)
@@ -69,14 +75,15 @@ def hint_released(engine: Engine, settings: Settings, study_uids: set[str]) -> l
 
 
 def handle_released(event: Event, engine: Engine, settings: Settings,
-                    on_hint: Callable[[float], None] | None = None) -> None:
+                    on_hint: Callable[[float], None] | None = None,
+                    writer: AbstractContextManager[Any] | None = None) -> None:
     """``evt.EVT_RELEASED``: the studies this association stored are complete after their grace.
 
     ``on_hint(seconds)`` learns when the first of those graces ends (the stability monitor's ``due_in``).
     """
     uids = take_stored(event.assoc)
     try:
-        graces = hint_released(engine, settings, uids)
+        graces = hint_released(engine, settings, uids, writer)
     except Exception as exc:  # the idle timer is the fallback: a failed hint only delays
         LOGGER.warning("release hint not recorded (%d studies): %s", len(uids), type(exc).__name__)
         return

@@ -105,7 +105,7 @@ def event_handlers(ctx: IngestContext, settings: Settings, on_hint: Callable[[fl
         (evt.EVT_N_EVENT_REPORT, handle_n_event_report, [settings]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted),
         (evt.EVT_CONN_CLOSE, handlers.handle_closed),
-        (evt.EVT_RELEASED, release.handle_released, [ctx.index.engine, settings, on_hint]),
+        (evt.EVT_RELEASED, release.handle_released, [ctx.index.engine, settings, on_hint, ctx.index.writer]),
         (evt.EVT_ABORTED, release.handle_aborted),
     ]
 
@@ -168,6 +168,7 @@ class Listener:
         if self.ctx.file_pool is None:
             self.ctx.file_pool = files.FilePool(self.ctx.storage_dir)
         transport.quiet_pynetdicom()
+        transport.memoize_uid_checks()
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
             evt_handlers=event_handlers(self.ctx, self.settings, self.monitor.due_in if self.monitor else None),

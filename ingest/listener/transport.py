@@ -32,17 +32,30 @@ this module, if the internals used here change. What is used:
   on the accept thread (no TLS there), with a listen backlog of
   :data:`LISTEN_BACKLOG`, and can serve a listening socket shared by
   sibling processes;
+* :class:`ListenerServer` hands every association the same supported presentation
+  contexts (:class:`SharedContexts`, one snapshot taken when the server is made)
+  where pynetdicom deep-copies ~170 contexts and ~2,200 transfer syntax UIDs
+  per association (tens of milliseconds of CPU per association, and an archive
+  sweep's C-MOVE opens one per study); negotiation only reads them;
 * :meth:`ListenerServer.service_actions` replaces pynetdicom's ``gc.collect()`` every 60 accepts
   (several a second under a connection flood) by one every :data:`GC_INTERVAL` seconds;
 * :func:`quiet_pynetdicom` sets ``_config.LOG_HANDLER_LEVEL`` to skip
-  pynetdicom's per-PDU debug handlers.
+  pynetdicom's per-PDU debug handlers;
+* :func:`memoize_uid_checks` remembers the verdicts of the two UID checks
+  pynetdicom runs on every UID of an A-ASSOCIATE-RQ (``_config.VALIDATORS["UI"]``
+  and pydicom's ``UID.is_valid``, a regular expression each time): a PACS
+  moving one study proposes over a hundred presentation contexts with several
+  transfer syntaxes each, the same ones association after association.
 
 Association negotiation, the state machine and the service classes are pynetdicom's.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import gc
+import inspect
 import logging
 import socket
 import socketserver
@@ -53,6 +66,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydicom.uid import UID
 from pynetdicom import _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
@@ -97,6 +111,39 @@ _FIRST_BUFFER = 64 * 1024
 def quiet_pynetdicom() -> None:
     """No standard PDU/DIMSE debug handlers on new associations (the listener keeps pynetdicom at WARNING)."""
     _config.LOG_HANDLER_LEVEL = "none"
+
+
+#: UIDs whose check verdicts are remembered (a few hundred distinct ones occur in practice).
+UID_MEMO = 4096
+
+
+def memoize_uid_checks() -> None:
+    """Remember UID check verdicts (pure functions of the text) instead of re-running them per UID per association.
+
+    ``_config.VALIDATORS["UI"]`` is pynetdicom's documented hook; ``UID.is_valid``
+    is replaced on pydicom's class by a property giving the same answer from a
+    bounded cache. Idempotent.
+    """
+    validate = _config.VALIDATORS["UI"]
+    if not getattr(validate, "memoized", False):
+        remembered = functools.lru_cache(maxsize=UID_MEMO)(lambda text, enforce: validate(text))
+
+        def validate_ui(value: Any) -> tuple[bool, str]:
+            if not isinstance(value, str):
+                return validate(value)
+            return remembered(value, _config.ENFORCE_UID_CONFORMANCE)
+
+        validate_ui.memoized = True  # type: ignore[attr-defined]
+        _config.VALIDATORS["UI"] = validate_ui
+    current = inspect.getattr_static(UID, "is_valid")
+    if isinstance(current, property) and not getattr(current.fget, "memoized", False):
+        valid = functools.lru_cache(maxsize=UID_MEMO)(current.fget)  # type: ignore[arg-type]
+
+        def is_valid(self: UID) -> bool:
+            return bool(valid(str(self)))
+
+        is_valid.memoized = True  # type: ignore[attr-defined]
+        UID.is_valid = property(is_valid)  # type: ignore[method-assign,assignment]
 
 
 def peer_of(assoc: Any) -> str:
@@ -359,6 +406,19 @@ def close_spools(assoc: Any) -> None:
 Judge = Callable[[gate.AssociationRequest, str], "gate.Rejection | None"]
 
 
+class SharedContexts(list[Any]):
+    """The server's supported presentation contexts; ``deepcopy`` gives a shallow copy.
+
+    pynetdicom's ``RequestHandler._create_association`` deep-copies the
+    server's contexts into every association; negotiation
+    (``negotiate_as_acceptor``) only reads them, building new result contexts,
+    and nothing changes this snapshot once the server is made.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
+
+
 class ListenerServer(ThreadedAssociationServer):
     """pynetdicom's threaded server whose connections pass the gate before they become associations.
 
@@ -391,6 +451,7 @@ class ListenerServer(ThreadedAssociationServer):
         self._tickets_lock = threading.Lock()
         self._last_gc = time.monotonic()
         super().__init__(*args, **kwargs)
+        self.contexts = SharedContexts(copy.deepcopy(self.contexts))
 
     def server_bind(self) -> None:
         assert self.socket is not None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -119,13 +119,24 @@ def current_report_uids(session: Session, uids: list[str], model_id: str, prompt
 
 
 def add_found(session: Session, sweep: Sweep, studies: list[RemoteStudy], skip: set[str]) -> int:
-    """Record a day's studies (once each); those in ``skip`` are SKIPPED. Returns rows added."""
+    """Record a day's studies (once each); those in ``skip`` are SKIPPED. Returns rows added.
+
+    A study the source gave a count for (Number of Study Related Instances) is
+    recorded COUNTED with that count as ``expected``; the others PENDING, to be
+    counted at IMAGE level before their retrieve.
+    """
     if not studies:
         return 0
+
+    def state(s: RemoteStudy) -> SweepStudyState:
+        if s.study_uid in skip:
+            return SweepStudyState.SKIPPED
+        return SweepStudyState.PENDING if s.instances is None else SweepStudyState.COUNTED
+
     rows = [
         dict(
             sweep_id=sweep.id, study_instance_uid=s.study_uid, study_date=s.study_date, modalities=s.modalities[:64],
-            state=str(SweepStudyState.SKIPPED if s.study_uid in skip else SweepStudyState.PENDING),
+            state=str(state(s)), expected=s.instances,
             error="current report from this model and prompt version" if s.study_uid in skip else None,
             attempts=0, updated_at=utcnow(),
         )
@@ -165,23 +176,27 @@ def next_studies(session: Session, sweep_id: int, limit: int) -> list[SweepStudy
     ))
 
 
-def received_count(session: Session, study_uid: str) -> tuple[int | None, int]:
-    """(study id or None, instances stored here) for a Study Instance UID."""
-    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
-    if study_id is None:
+def received_count(session: Session | Connection, study_uid: str) -> tuple[int | None, int]:
+    """(study id or None, instances stored here) for a Study Instance UID, in one statement."""
+    row = session.execute(
+        select(Study.id, func.count(Instance.id))
+        .select_from(Study)
+        .outerjoin(Series, Series.study_id == Study.id)
+        .outerjoin(Instance, Instance.series_id == Series.id)
+        .where(Study.study_instance_uid == study_uid)
+        .group_by(Study.id)
+    ).first()
+    if row is None:
         return None, 0
-    count = session.execute(
-        select(func.count(Instance.id)).join(Series, Series.id == Instance.series_id).where(Series.study_id == study_id)
-    ).scalar_one()
-    return int(study_id), int(count)
+    return int(row[0]), int(row[1])
 
 
-def set_study(session: Session, row_id: int, **values: Any) -> None:
+def set_study(session: Session | Connection, row_id: int, **values: Any) -> None:
     """Update one sweep-study row."""
     session.execute(update(SweepStudy).where(SweepStudy.id == row_id).values(updated_at=utcnow(), **values))
 
 
-def release(session: Session, row_id: int, study_id: int, state: SweepStudyState, received: int,
+def release(session: Session | Connection, row_id: int, study_id: int, state: SweepStudyState, received: int,
             error: str | None) -> bool:
     """Hand a checked study to the pipeline: STABLE, lowest priority, one outbox row; False if already released.
 

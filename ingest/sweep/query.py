@@ -2,9 +2,12 @@
 
 DICOM: C-FIND at STUDY level per day; a day that answers with as many results
 as the source's ``max_results`` (or with a status saying a limit was hit) is
-asked again hour by hour. Instances are counted at IMAGE level, series by
-series (a hierarchical query every PACS answers). DICOMweb: the same through
-QIDO-RS. Folder: the tree is read once (``ingest.assembly.discover``).
+asked again hour by hour. The STUDY-level query asks for each study's
+Number of Study Related Instances: where the source returns it, that is the
+study's count, taken with the day's one query; where it does not, the study's
+instances are counted at IMAGE level, series by series (a hierarchical query
+every PACS answers), before its retrieve. DICOMweb: the same through QIDO-RS.
+Folder: the tree is read once (``ingest.assembly.discover``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, Protocol
 
 import requests
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
@@ -39,6 +43,8 @@ class RemoteStudy:
     study_uid: str
     study_date: date | None
     modalities: str
+    #: Number of Study Related Instances as the source gave it; None when it did not (counted at IMAGE level then).
+    instances: int | None = None
 
 
 class QueryLimitHit(RuntimeError):
@@ -59,6 +65,17 @@ def _date(text: object) -> date | None:
         return date(int(value[:4]), int(value[4:6]), int(value[6:8]))
     except ValueError:
         return None
+
+
+def _instances(value: object) -> int | None:
+    """A Number of Study Related Instances as given (IS, JSON number, a list of one); None if absent or not positive."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) == 1 else None
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        return None
+    return count if count > 0 else None
 
 
 def _wanted(found_modalities: str, modalities: list[str]) -> bool:
@@ -110,6 +127,7 @@ class DicomQuery:
         ident.StudyDate = day.strftime("%Y%m%d")
         ident.StudyTime = time_span or ""
         ident.ModalitiesInStudy = "\\".join(modalities) if modalities else ""
+        ident.NumberOfStudyRelatedInstances = ""
         found, final = self._find(ident)
         limit = self.source.max_results
         hit = final in LIMIT_STATUSES or (limit is not None and len(found) >= limit)
@@ -121,7 +139,8 @@ class DicomQuery:
             mods = ds.get("ModalitiesInStudy", "")
             mods_text = ",".join(str(m) for m in ([mods] if isinstance(mods, str) else list(mods or [])) if m)
             if uid and _wanted(mods_text, modalities):
-                studies.append(RemoteStudy(uid, _date(ds.get("StudyDate")) or day, mods_text))
+                studies.append(RemoteStudy(uid, _date(ds.get("StudyDate")) or day, mods_text,
+                                           _instances(ds.get("NumberOfStudyRelatedInstances"))))
         return studies, hit
 
     def find_studies(self, day: date, modalities: list[str]) -> list[RemoteStudy]:
@@ -217,7 +236,7 @@ class WebQuery:
         return list(response.json() or [])
 
     def _studies(self, day: date, modalities: list[str], span: str | None) -> tuple[list[RemoteStudy], bool]:
-        params = {"StudyDate": day.strftime("%Y%m%d"), "includefield": "00080061"}
+        params = {"StudyDate": day.strftime("%Y%m%d"), "includefield": "00080061,00201208"}
         if span:
             params["StudyTime"] = span
         if modalities:
@@ -231,7 +250,8 @@ class WebQuery:
             uid = next(iter(_tag(item, "0020000D")), "")
             mods = ",".join(str(m) for m in _tag(item, "00080061"))
             if uid and _wanted(mods, modalities):
-                studies.append(RemoteStudy(str(uid), _date(next(iter(_tag(item, "00080020")), "")) or day, mods))
+                studies.append(RemoteStudy(str(uid), _date(next(iter(_tag(item, "00080020")), "")) or day, mods,
+                                           _instances(next(iter(_tag(item, "00201208")), None))))
         return studies, hit
 
     def find_studies(self, day: date, modalities: list[str]) -> list[RemoteStudy]:
@@ -278,7 +298,7 @@ class FolderQuery:
             header = study.instances[0].header
             mods = ",".join(sorted({str(i.header.get("Modality", "") or "") for i in study.instances} - {""}))
             if _date(header.get("StudyDate")) == day and _wanted(mods, modalities):
-                result.append(RemoteStudy(study.study_uid, day, mods))
+                result.append(RemoteStudy(study.study_uid, day, mods, len({i.identity.sop_instance_uid for i in study.instances})))
         return result
 
     def count_instances(self, study_uid: str, assoc: Any = None) -> list[str]:

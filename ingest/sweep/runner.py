@@ -21,11 +21,15 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Connection
+
+from preread.ingest.assembly.index import writer_lock
 from preread.ingest.listener.ae import IngestContext
 from preread.ingest.sweep import ledger
 from preread.ingest.sweep.dimse import SourceUnavailable
@@ -43,7 +47,7 @@ from preread.ingest.sweep.sources import (
 )
 from preread.ingest.sweep.store import ingest_context
 from preread.ingest.sweep.window import Window, parse_cron, parse_window
-from preread.schemas.database import session_scope
+from preread.schemas.database import engine_for, session_scope
 from preread.schemas.settings import Settings
 from preread.schemas.tables import SweepState, SweepStudyState, utcnow
 
@@ -102,6 +106,9 @@ class SweepRunner(threading.Thread):
         self.ctx = ingest_context(settings) if needs_ctx else None
         self.query, self.retriever = clients(source, settings, self.ctx)
         self.model_id = settings.model
+        #: SQLite's one writer at a time, handed over at once (as to the listener's index) instead of busy-polled
+        self.engine = engine_for(self.url)
+        self.writer = writer_lock(self.engine)
         self.prompt_version = prompt_version(settings)
 
     def run(self) -> None:
@@ -117,6 +124,13 @@ class SweepRunner(threading.Thread):
         except Exception as exc:  # the next coordinator pass starts it again
             log.exception("sweep %d: %s: %s", self.sweep_id, type(exc).__name__, exc)
             self.stop_event.wait(IDLE_S)
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A short writing transaction (Core, no ORM session), taking its turn with the listener's writers on a
+        SQLite file."""
+        with self.writer, self.engine.begin() as conn:
+            yield conn
 
     def _note(self, text: str | None) -> None:
         with session_scope(self.url) as session:
@@ -210,32 +224,47 @@ class SweepRunner(threading.Thread):
                             self._failed_attempt(row[0], row[1], row[3] + 1, f"{type(exc).__name__}: {exc}"[:500])
                             assoc = None
                             continue
-                    self._one(*row, assoc=assoc)
+                    self._one(*row, assoc=assoc, later=later)
 
         workers = min(len(rows), self.source.max_associations)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sweep{self.sweep_id}") as pool:
-            for future in [pool.submit(worker) for _ in range(workers)]:
-                future.result()
+        # the check and release after a retrieve run beside the next retrieve, not between two on an association
+        checks: list[Future[None]] = []
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sweep{self.sweep_id}-check") as checker:
+
+            def later(check: Callable[[], None]) -> None:
+                checks.append(checker.submit(check))
+
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sweep{self.sweep_id}") as pool:
+                for future in [pool.submit(worker) for _ in range(workers)]:
+                    future.result()
+        for check in checks:
+            check.result()
         with session_scope(self.url) as session:
             ledger.set_sweep(session, self.sweep_id, counts=ledger.counts(session, self.sweep_id).as_dict(), note=None)
         return True
 
-    def _one(self, row_id: int, study_uid: str, expected: int | None, attempts: int, assoc: Any = None) -> None:
-        """Count (once), retrieve, check and release one study (on ``assoc``, the worker's association).
+    def _one(self, row_id: int, study_uid: str, expected: int | None, attempts: int, assoc: Any = None,
+             later: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """Count (if the source gave no count), retrieve, check and release one study (on ``assoc``, the worker's
+        association).
 
         Two short transactions per study: one records the count and the attempt
-        before the retrieve, one checks what arrived and releases (or not) after it.
+        before the retrieve, one checks what arrived and releases (or not) after
+        it, handed to ``later`` when given (the batch's checker threads). The
+        count is the larger of the one taken before (the study query's, or
+        IMAGE level) and the instances the source said it sent or failed to send.
         """
         if self.stop_event.is_set():
             return
+        raised = False
         try:
             with ExitStack() as stack:
-                if assoc is None:  # DICOM: one association for the count and the retrieve
-                    assoc = stack.enter_context(self.retriever.association())
                 counted = expected is None
                 if expected is None:
+                    if assoc is None:  # DICOM: one association for the count and the retrieve
+                        assoc = stack.enter_context(self.retriever.association())
                     expected = len(self.query.count_instances(study_uid, assoc))
-                with session_scope(self.url) as session:
+                with self._writing() as session:
                     _, received = ledger.received_count(session, study_uid)
                     fetch = expected == 0 or received < expected
                     values: dict[str, Any] = {"expected": expected} if counted else {}
@@ -251,14 +280,28 @@ class SweepRunner(threading.Thread):
                     if result.failed:
                         log.info("sweep %d: study %s: %d sub-operations failed at the source", self.sweep_id,
                                  study_uid, result.failed)
+                    sent = result.completed + result.failed + result.warning
+                    if sent > expected:
+                        expected, raised = sent, True
         except SourceUnavailable:
             raise
         except Exception as exc:
             self._failed_attempt(row_id, study_uid, attempts, f"{type(exc).__name__}: {exc}"[:500])
             return
-        with session_scope(self.url) as session:
-            study_id, received = ledger.received_count(session, study_uid)
-            self._check(session, row_id, study_uid, study_id, expected, received, attempts)
+        assert expected is not None
+        counted_expected = expected
+
+        def check() -> None:
+            with self._writing() as session:
+                if raised:
+                    ledger.set_study(session, row_id, expected=counted_expected)
+                study_id, received = ledger.received_count(session, study_uid)
+                self._check(session, row_id, study_uid, study_id, counted_expected, received, attempts)
+
+        if later is None:
+            check()
+        else:
+            later(check)
 
     def _failed_attempt(self, row_id: int, study_uid: str, attempts: int, error: str) -> None:
         attempts = max(attempts, 1)
@@ -269,7 +312,7 @@ class SweepRunner(threading.Thread):
             ledger.set_study(session, row_id, attempts=attempts, error=error,
                              state=str(SweepStudyState.FAILED if final else SweepStudyState.COUNTED))
 
-    def _check(self, session: Any, row_id: int, study_uid: str, study_id: int | None, expected: int, received: int,
+    def _check(self, session: Connection, row_id: int, study_uid: str, study_id: int | None, expected: int, received: int,
                attempts: int) -> None:
         """Release a complete study; retry a short one; release a still-short one as incomplete."""
         if expected > 0 and received >= expected:

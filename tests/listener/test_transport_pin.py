@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import re
 import tomllib
+import warnings
 from pathlib import Path
 
 import pynetdicom
@@ -18,6 +19,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.presentation import negotiate_as_acceptor
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,3 +94,36 @@ def test_server_hooks() -> None:
     assert "self.ae._servers.remove" in _source(AssociationServer.shutdown), _fail("AssociationServer.shutdown")
     assert hasattr(_config, "LOG_HANDLER_LEVEL"), _fail("_config.LOG_HANDLER_LEVEL")
     assert "gc.collect()" in _source(AssociationServer.service_actions), _fail("AssociationServer.service_actions")
+
+
+def test_acceptor_contexts_are_deep_copied_and_only_read() -> None:
+    # SharedContexts makes the per-association deepcopy of the server's contexts a shallow copy: that is safe
+    # only while the copy goes through copy.deepcopy and negotiation never writes to the acceptor's contexts
+    assert "deepcopy(self.server.contexts)" in _source(RequestHandler._create_association), \
+        _fail("RequestHandler._create_association (deepcopy of the server's contexts)")
+    negotiate = _source(negotiate_as_acceptor)
+    assert "ac_context" in negotiate and not re.search(r"ac_context\.\w+\s*=[^=]", negotiate), \
+        _fail("presentation.negotiate_as_acceptor (writes to the acceptor's contexts)")
+
+
+def test_uid_checks_are_pure_and_memoized_with_the_same_verdicts() -> None:
+    # memoize_uid_checks caches two UID checks: both must still be functions of the text alone
+    assert "VALIDATORS" in dir(_config) and "UI" in _config.VALIDATORS, _fail("_config.VALIDATORS['UI']")
+    from pydicom import config as pydicom_config
+    from pydicom.uid import UID
+
+    from preread.ingest.listener.transport import memoize_uid_checks
+    from pynetdicom.utils import set_uid
+
+    uses = _source(set_uid)
+    assert '_config.VALIDATORS["UI"](value)' in uses and "value.is_valid" in uses, _fail("utils.set_uid")
+    samples = ["1.2.840.10008.1.2.1", "1.2.3", "1.2.03", "1..2", "x" * 70, "1." + "2" * 63, ""]
+    uids = [UID(s, pydicom_config.IGNORE) for s in samples]
+    with warnings.catch_warnings():  # pynetdicom's validator re-makes each UID, and pydicom warns of the bad ones
+        warnings.simplefilter("ignore")
+        before = [(u.is_valid, _config.VALIDATORS["UI"](u)) for u in uids]
+        memoize_uid_checks()
+        memoize_uid_checks()  # idempotent: no cache around the cache
+        after = [(u.is_valid, _config.VALIDATORS["UI"](u)) for u in uids]
+    assert after == before and after[0] == (True, (True, "")) and after[2][0] is False
+    assert getattr(inspect.getattr_static(UID, "is_valid").fget, "memoized", False)

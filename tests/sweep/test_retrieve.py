@@ -7,9 +7,13 @@ study is held from the stability monitor until the sweep releases it.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select
@@ -17,6 +21,8 @@ from sqlalchemy import create_engine, func, select
 from preread.ingest.assembly.stability import mark_stable
 from preread.ingest.listener.ae import Listener
 from preread.ingest.sweep import ledger
+from preread.ingest.sweep.query import RemoteStudy
+from preread.ingest.sweep.retrieve import Retrieved
 from preread.ingest.sweep.runner import SweepRunner
 from preread.ingest.sweep.sources import parse_sources
 from preread.ingest.sweep.window import parse_window
@@ -133,8 +139,19 @@ def test_sweep_over_two_dates_retrieves_and_releases_exactly_those(
     assert len(outbox) == 4 and {p for _, p in outbox} == {ledger.SWEEP_PRIORITY}, "one lowest-priority hand-off each"
 
 
+def without_study_counts(runner: SweepRunner) -> None:
+    """Make the runner's source look like a PACS that returns no Number of Study Related Instances."""
+    find = runner.query.find_studies
+
+    def find_without(day: date, modalities: list[str]) -> list[RemoteStudy]:
+        return [replace(s, instances=None) for s in find(day, modalities)]
+
+    runner.query.find_studies = find_without  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("count_level", ["study", "image"])
 def test_an_instance_deleted_between_count_and_retrieve_makes_the_study_incomplete(
-    tmp_path: Path, settings: Settings, listener: Listener
+    tmp_path: Path, settings: Settings, listener: Listener, count_level: str
 ) -> None:
     uid, files = make_study(tmp_path / "in", DAY1, instances=3)
     other, other_files = make_study(tmp_path / "in", DAY1, instances=2, hour=14)
@@ -144,19 +161,32 @@ def test_an_instance_deleted_between_count_and_retrieve_makes_the_study_incomple
         url = settings.effective_database_url
         sweep_id = new_sweep(url, DAY1, DAY1)
         runner = SweepRunner(sweep_id, settings, source_for("dicom", orthanc), None, owner="test-owner")
-        count = runner.query.count_instances
+        if count_level == "image":
+            without_study_counts(runner)
+        count, retrieve = runner.query.count_instances, runner.retriever.retrieve
         doomed = __import__("pydicom").dcmread(files[1], stop_before_pixels=True).SOPInstanceUID
+        image_counts: list[str] = []
+        deleted: list[str] = []
 
-        def count_then_delete(study_uid: str, assoc: object = None) -> list[str]:
-            counted = count(study_uid, assoc)
-            if study_uid == uid:
+        def count_images(study_uid: str, assoc: object = None) -> list[str]:
+            image_counts.append(study_uid)
+            return count(study_uid, assoc)
+
+        def delete_then_retrieve(study_uid: str, assoc: object = None) -> Retrieved:
+            if study_uid == uid and not deleted:  # after the count, before the first retrieve
                 orthanc.delete_instance(doomed)
-            return counted
+                deleted.append(doomed)
+            return retrieve(study_uid, assoc)
 
-        runner.query.count_instances = count_then_delete  # type: ignore[method-assign]
+        runner.query.count_instances = count_images  # type: ignore[method-assign]
+        runner.retriever.retrieve = delete_then_retrieve  # type: ignore[method-assign]
         drive(runner)
     finally:
         orthanc.stop()
+    if count_level == "study":
+        assert image_counts == [], "the PACS gave each study's count with the day's query: no query per study"
+    else:
+        assert sorted(image_counts) == sorted([uid, other]), "no count from the PACS: each study counted at IMAGE level"
     found = rows(url, sweep_id)
     short = found[uid]
     assert (short.state, short.expected, short.received) == ("incomplete", 3, 2)
@@ -166,6 +196,26 @@ def test_an_instance_deleted_between_count_and_retrieve_makes_the_study_incomple
     with session_scope(url) as session:
         states = dict(session.execute(select(Study.study_instance_uid, Study.state)).all())
     assert states[uid] == StudyState.DRAFTED, "the incomplete study is still drafted with what arrived"
+
+
+def test_a_study_count_below_what_the_pacs_sends_is_raised_to_what_it_sent(
+    tmp_path: Path, settings: Settings, listener: Listener
+) -> None:
+    uid, files = make_study(tmp_path / "in", DAY1, instances=3)
+    orthanc = start_orthanc(tmp_path, settings)
+    try:
+        orthanc.upload(files)
+        url = settings.effective_database_url
+        sweep_id = new_sweep(url, DAY1, DAY1)
+        runner = SweepRunner(sweep_id, settings, source_for("dicom", orthanc), None, owner="test-owner")
+        find = runner.query.find_studies
+        runner.query.find_studies = lambda day, mods: [replace(s, instances=1) for s in find(day, mods)]  # type: ignore[method-assign]
+        drive(runner)
+    finally:
+        orthanc.stop()
+    row = rows(url, sweep_id)[uid]
+    assert (row.state, row.expected, row.received, row.attempts) == ("released", 3, 3, 1), \
+        "the count is what the PACS said it moved, when that is more than the study query said"
 
 
 def test_a_held_study_waits_for_its_release(tmp_path: Path, settings: Settings, listener: Listener) -> None:
@@ -237,3 +287,42 @@ def test_a_pacs_that_does_not_know_our_ae_fails_the_sweep_naming_what_to_configu
         assert sweep.state == SweepState.FAILED
         assert sweep.error is not None and "PREREAD" in sweep.error and "c-get" in sweep.error
     assert rows(url, sweep_id)[uid].state in ("counted", "retrieving"), "the study stays held for a resume"
+
+
+@pytest.mark.parametrize("associations", [1, 2])
+def test_retrieves_overlap_up_to_the_association_cap_and_no_further(
+    tmp_path: Path, settings: Settings, listener: Listener, associations: int
+) -> None:
+    studies = [make_study(tmp_path / "in", DAY1, hour=8 + k) for k in range(4)]
+    orthanc = start_orthanc(tmp_path, settings)
+    record = listener.ctx.index.record
+    lock = threading.Lock()
+    storing: set[str] = set()
+    together: list[int] = []
+
+    def slow_record(ds: Any, ident: Any, *args: Any, **kwargs: Any) -> bool:
+        """The listener indexing an instance, held long enough for a concurrent move to show."""
+        with lock:
+            storing.add(ident.study_uid)
+            together.append(len(storing))
+        time.sleep(0.4)
+        try:
+            return record(ds, ident, *args, **kwargs)
+        finally:
+            with lock:
+                storing.discard(ident.study_uid)
+
+    try:
+        orthanc.upload([f for _, files in studies for f in files])
+        listener.ctx.index.record = slow_record  # type: ignore[method-assign]
+        url = settings.effective_database_url
+        sweep_id = new_sweep(url, DAY1, DAY1)
+        runner = SweepRunner(sweep_id, settings, source_for("dicom", orthanc, max_associations=associations), None,
+                             owner="test-owner")
+        drive(runner)
+    finally:
+        listener.ctx.index.record = record  # type: ignore[method-assign]
+        orthanc.stop()
+    assert all(r.state == "released" for r in rows(url, sweep_id).values()) and len(together) == 4
+    assert max(together) == associations, (
+        f"with max_associations = {associations}, the listener received {max(together)} studies at once")
