@@ -334,8 +334,16 @@ def test_empty_affected_sop_instance_uid_gets_a_failure_status(listener_factory)
         request.AffectedSOPInstanceUID = ""  # sent without a value
         request.Priority = 2
         request.DataSet = BytesIO(body)
-        assoc.dimse.send_msg(request, context.context_id)
-        _, response = assoc.dimse.get_msg(block=True)  # dimse_timeout: 30 s
+        # Pause the association's reactor as pynetdicom's own send_c_echo does, or it may take the
+        # response off the queue first (pynetdicom 3.0.4's Association._reactor_checkpoint).
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            assoc.dimse.send_msg(request, context.context_id)
+            _, response = assoc.dimse.get_msg(block=True)  # dimse_timeout: 30 s
+        finally:
+            assoc._reactor_checkpoint.set()
         assert response is not None, "no answer to a C-STORE without an Affected SOP Instance UID"
         assert response.MessageIDBeingRespondedTo == 7
         assert response.Status == 0xC222
