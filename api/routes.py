@@ -40,7 +40,8 @@ def _client(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-def _study(session: Session, uid: str, *, lock: bool = False) -> Study:
+def study_or_http_error(session: Session, uid: str, *, lock: bool = False) -> Study:
+    """The study of ``uid``, or the 422 (not a UID) or 404 (unknown) the API answers for it."""
     try:
         return find_study(session, uid, lock=lock)
     except BadUid as exc:
@@ -151,7 +152,7 @@ def get_study(request: Request, study_uid: StudyUid, view: Viewer) -> Response:
 @api.get("/studies/{study_uid}/images/{n}", summary="The n-th rendered PNG, from 0", response_class=FileResponse,
          responses={200: {"content": {"image/png": {}}}})
 def get_image(study_uid: StudyUid, n: int, view: Viewer) -> FileResponse:
-    study = _study(view.session, study_uid)
+    study = study_or_http_error(view.session, study_uid)
     try:
         path = image_path(view.session, study, n)
     except NoStudy as exc:
@@ -163,7 +164,7 @@ def get_image(study_uid: StudyUid, n: int, view: Viewer) -> FileResponse:
 @api.post("/studies/{study_uid}/reprocess", status_code=status.HTTP_202_ACCEPTED, response_model=models.ReprocessOut,
           summary="Render and draft the study again; earlier reports are kept")
 def reprocess_study(request: Request, study_uid: StudyUid, principal: Writer, session: Db) -> models.ReprocessOut:
-    study = _study(session, study_uid, lock=True)
+    study = study_or_http_error(session, study_uid, lock=True)
     result = reprocess(session, study)
     record(session, principal, Action.REPROCESS, study_uid=study.study_instance_uid, client=_client(request),
            detail="queued" if result.queued else "already pending")
@@ -173,7 +174,7 @@ def reprocess_study(request: Request, study_uid: StudyUid, principal: Writer, se
 @api.post("/studies/{study_uid}/feedback", status_code=status.HTTP_201_CREATED, response_model=models.FeedbackOut,
           summary="A reader's verdict and probe labels; the draft is never changed")
 def post_feedback(request: Request, study_uid: StudyUid, body: models.FeedbackIn, principal: Writer, session: Db) -> models.FeedbackOut:
-    study = _study(session, study_uid)
+    study = study_or_http_error(session, study_uid)
     row = add_feedback(session, study, body, principal.name)
     record(session, principal, Action.FEEDBACK, study_uid=study.study_instance_uid, client=_client(request), detail=body.verdict)
     return models.FeedbackOut(id=row.id, report_id=row.report_id, token_name=row.token_name, verdict=body.verdict,

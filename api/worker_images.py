@@ -23,11 +23,12 @@ from sqlalchemy.orm import Session
 
 from preread.api.audit import Action, record
 from preread.api.auth import db_session, require
-from preread.api.studies import BadUid, NoStudy, find_study, image_path
+from preread.api.routes import study_or_http_error
+from preread.api.studies import NoStudy, image_path
 from preread.api.tokens import Principal
 from preread.ingest.storage.retention import FilesRemoved, check_files_present
 from preread.schemas.remote_images import WORKER_PREFIX, RemoteImage, RemoteManifest, WorkerIdentity
-from preread.schemas.tables import ApiRole, Image, Study
+from preread.schemas.tables import ApiRole, Image
 
 #: Only worker tokens: a reader's token has no business fetching pixels by the batch.
 WORKERS = frozenset({ApiRole.WORKER})
@@ -37,14 +38,6 @@ Worker = Annotated[Principal, Depends(require(WORKERS))]
 Db = Annotated[Session, Depends(db_session, scope="function")]
 _CHUNK = 1 << 20
 
-
-def _study(session: Session, uid: str) -> Study:
-    try:
-        return find_study(session, uid)
-    except BadUid as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
-    except NoStudy as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
 
 
 @lru_cache(maxsize=4096)
@@ -65,7 +58,7 @@ def whoami(principal: Worker) -> WorkerIdentity:
 @worker_api.get("/studies/{study_uid}/manifest", response_model=RemoteManifest,
                 summary="The study's rendered PNGs in the model's order, with size and SHA-256 of each")
 def manifest(study_uid: str, principal: Worker, session: Db) -> Response:
-    study = _study(session, study_uid)
+    study = study_or_http_error(session, study_uid)
     rows = session.execute(
         select(Image).where(Image.study_id == study.id).order_by(Image.ordinal, Image.id)
     ).scalars().all()
@@ -93,7 +86,7 @@ def manifest(study_uid: str, principal: Worker, session: Db) -> Response:
 @worker_api.get("/studies/{study_uid}/images/{n}", response_class=FileResponse,
                 summary="The study's n-th rendered PNG, from 0", responses={200: {"content": {"image/png": {}}}})
 def worker_image(request: Request, study_uid: str, n: int, principal: Worker, session: Db) -> FileResponse:
-    study = _study(session, study_uid)
+    study = study_or_http_error(session, study_uid)
     try:
         path = image_path(session, study, n)
     except NoStudy as exc:
