@@ -22,6 +22,7 @@ run stays within ``--time-limit`` seconds.
     python bench/gpu.py                      # CUDA, real 3B dimensions, 200 studies
     python bench/gpu.py --static-cache       # also the static cache with a compiled decode step
     python bench/gpu.py --device cpu --tiny  # smoke check with the tiny test model
+    python bench/gpu.py --phases seed,static --studies 100  # only these phases (the compile alone takes minutes)
 """
 
 from __future__ import annotations
@@ -239,7 +240,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the batcher with a static key/value cache (decode compiled on CUDA) against the dynamic one",
     )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="compile the static-cache decode step on CPU too (slow)")
+    parser.add_argument(
+        "--phases", default="seed,dynamic,static,probes",
+        help="comma list of phases to run: seed, dynamic, static (implies --static-cache), probes",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    unknown = phases - {"seed", "dynamic", "static", "probes"}
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}; choose from seed, dynamic, static, probes")
+    if "static" in phases and args.phases != parser.get_default("phases"):
+        args.static_cache = True
 
     t0 = time.perf_counter()
     hard_deadline = t0 + args.time_limit
@@ -304,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. the seed's way: one generate per study, sequentially
     reset_peak(device)
-    seed_deadline = time.perf_counter() + min(args.seed_limit, remaining() * 0.3)
+    seed_deadline = time.perf_counter() + min(args.seed_limit, remaining() * 0.3) if "seed" in phases else 0.0
     start, done, tokens = time.perf_counter(), 0, []
     for i in range(n):
         if time.perf_counter() > seed_deadline:
@@ -318,28 +329,32 @@ def main(argv: list[str] | None = None) -> int:
     sync(device)
     seed_s = time.perf_counter() - start
     seed_rate = done / seed_s * 3600 if done else 0.0
-    rows.append(Row("seed: 1 generate per study", done, n, seed_s, seed_rate, "studies/h", peak_gib(device), f"{set(tokens)} new tokens"))
-    print(f"seed's way: {done} studies in {seed_s:.1f}s", flush=True)
+    if "seed" in phases:
+        rows.append(Row("seed: 1 generate per study", done, n, seed_s, seed_rate, "studies/h", peak_gib(device),
+                        f"{set(tokens)} new tokens"))
+        print(f"seed's way: {done} studies in {seed_s:.1f}s", flush=True)
 
     # 2. through the batcher: many threads, one model thread (dynamic cache; then static with --static-cache)
     threads = args.threads or 2 * args.batch_size
-    drafters = [("dynamic cache", dynamic)] + ([("static cache" + (", compiled" if static.compile_decode else ""), static)] if static else [])
-    batch_rates: list[float] = []
+    drafters = [("dynamic cache", dynamic)] if "dynamic" in phases else []
+    if static is not None and "static" in phases:
+        drafters.append(("static cache" + (", compiled" if static.compile_decode else ""), static))
+    batch_rates: dict[str, float] = {}
     for k, (label, eng) in enumerate(drafters):
         reset_peak(device)
         first_batch = len(eng._batcher.batch_sizes)
-        share = (remaining() - 2 * args.probe_limit - 15) / (len(drafters) - k)
+        share = (remaining() - (2 * args.probe_limit if "probes" in phases else 0) - 15) / (len(drafters) - k)
         batch_deadline = time.perf_counter() + max(10.0, share)
         done, batch_s, counts = run_threads(
             n, threads, batch_deadline, lambda i, e=eng: e.draft(images[i], CTX, exact).completion_tokens
         )
         sync(device)
-        batch_rates.append(done / batch_s * 3600 if done else 0.0)
+        batch_rates[label] = done / batch_s * 3600 if done else 0.0
         sizes = eng._batcher.batch_sizes[first_batch:]
         rows.append(
             Row(
                 f"batcher: {label}, batch {args.batch_size}",
-                done, n, batch_s, batch_rates[-1], "studies/h", peak_gib(device),
+                done, n, batch_s, batch_rates[label], "studies/h", peak_gib(device),
                 f"{set(counts)} new tokens; {threads} threads; batch sizes {sizes[:6]}",
             )  # fmt: skip
         )
@@ -349,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     questions = len(engine.prompts.probe_questions(CTX))
     probe_threads = max(2, 2 * args.probe_rows // max(1, questions))
     probe_rates: list[float] = []
-    for k, (label, shared) in enumerate([("1 full row per question", False), ("shared prefix", True)]):
+    probe_phases = [("1 full row per question", False), ("shared prefix", True)] if "probes" in phases else []
+    for k, (label, shared) in enumerate(probe_phases):
         reset_peak(device)
         engine.shared_prefix = shared
         probe_deadline = time.perf_counter() + max(5.0, min(args.probe_limit, (remaining() - 5) / (2 - k)))
@@ -380,13 +396,17 @@ def main(argv: list[str] | None = None) -> int:
         return f"{a / b:.1f}x" if b else "n/a"
 
     print()
-    print(f"batched (dynamic cache) / seed's way: {ratio(batch_rates[0], seed_rate)}")
-    if static is not None:
+    dynamic_rate = batch_rates.get("dynamic cache", 0.0)
+    static_rate = next((rate for label, rate in batch_rates.items() if label.startswith("static")), 0.0)
+    if "dynamic" in phases:
+        print(f"batched (dynamic cache) / seed's way: {ratio(dynamic_rate, seed_rate)}")
+    if static is not None and "static" in phases:
         print(
-            f"batched (static cache) / seed's way: {ratio(batch_rates[1], seed_rate)}  (goal >= 25x); "
-            f"static / dynamic cache: {ratio(batch_rates[1], batch_rates[0])}; warm-up {warm_static:.0f}s not timed"
+            f"batched (static cache) / seed's way: {ratio(static_rate, seed_rate)}  (goal >= 25x); "
+            f"static / dynamic cache: {ratio(static_rate, dynamic_rate)}; warm-up {warm_static:.0f}s not timed"
         )
-    print(f"probes shared prefix / full rows: {ratio(probe_rates[1], probe_rates[0])}  (goal >= 8x)")
+    if len(probe_rates) == 2:
+        print(f"probes shared prefix / full rows: {ratio(probe_rates[1], probe_rates[0])}  (goal >= 8x)")
     print(f"total {time.perf_counter() - t0:.0f}s")
     return 0
 

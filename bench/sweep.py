@@ -9,8 +9,10 @@ one study date) are loaded into a private Orthanc. In the same run:
   associations do; measured before and after the sweep, the faster counts. A
   reference row shows it as this bench first measured it (a new association per
   C-MOVE, Nagle's algorithm delaying each request by the peer's delayed ACK);
-* **listener floor**: the same C-MOVEs (the fair way) to ``preread listen`` (a fresh data dir and
-  database): what storing durably here costs, with no sweep;
+* **floor, in lists**: the same, each C-MOVE asking for ``--move-batch`` studies (a list of
+  Study Instance UIDs), as the sweep asks (for reference);
+* **listener floor**: the C-MOVEs the sweep makes (lists of ``--move-batch``, the fair way) to
+  ``preread listen`` (a fresh data dir and database): what storing durably here costs, with no sweep;
 * **sweep retrieval**: a :class:`SweepRunner` in this process sweeps the day
   (STUDY-level C-FIND, IMAGE-level counts, C-MOVE to ``preread listen`` running
   as its own process, the count check and the release), without workers, until
@@ -19,7 +21,7 @@ one study date) are loaded into a private Orthanc. In the same run:
 * **drafted** (``--draft``): ``preread sweep run`` with the coordinator and
   render/infer workers on the tiny random-weight model, until the sweep is done.
 
-    python bench/sweep.py [--studies 300] [--no-sync-writes] [--draft] [--draft-studies 300] [--pg URL]
+    python bench/sweep.py [--studies 300] [--move-batch 10] [--no-sync-writes] [--draft] [--draft-studies 300] [--pg URL]
 
 Goal: sweep retrieval >= 0.8 x the floor; the sweep's own CPU <= 20 ms per study.
 """
@@ -147,8 +149,13 @@ def measured(pid: int, run: Callable[[], T]) -> tuple[T, float]:
     return result, cpu_seconds(pid) - before
 
 
+def in_lists(uids: list[str], size: int) -> list[str]:
+    """The UIDs as C-MOVE identifiers of ``size`` studies each (a multi-valued UID is backslash-separated)."""
+    return ["\\".join(uids[i:i + size]) for i in range(0, len(uids), size)]
+
+
 def sweep_retrieval(tmp: Path, orthanc: Orthanc, listener_port: int, db_url: str, count: int,
-                    parallel: int) -> tuple[float, float, dict[str, int]]:
+                    parallel: int, move_batch: int) -> tuple[float, float, dict[str, int]]:
     """(seconds, CPU seconds of this process, studies by final state) for a runner to be done with every study
     of the day (released, or incomplete or failed after its retries)."""
     from preread.ingest.sweep import ledger
@@ -161,7 +168,8 @@ def sweep_retrieval(tmp: Path, orthanc: Orthanc, listener_port: int, db_url: str
     settings = Settings(data_dir=tmp / "data", database_url=db_url, ae_title="PREREAD", port=listener_port,
                         host="127.0.0.1", min_free_bytes=0)
     source = parse_sources([{"name": "pacs", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                             "port": orthanc.dicom_port, "max_associations": parallel, "max_in_flight": count + 1}])[0]
+                             "port": orthanc.dicom_port, "max_associations": parallel, "max_in_flight": count + 1,
+                             "move_batch": move_batch}])[0]
     with session_scope(db_url) as session:
         sweep_id = ledger.create_sweep(session, "pacs", DAY, DAY)
         ledger.claim(session, "bench", 3600)
@@ -217,6 +225,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=300)
     parser.add_argument("--associations", type=int, default=2, help="max_associations of the source (and the floor)")
+    parser.add_argument("--move-batch", type=int, default=10, help="studies per C-MOVE of the sweep (the source's move_batch)")
     parser.add_argument("--draft", action="store_true", help="also draft with the tiny model (slow on CPU)")
     parser.add_argument("--draft-studies", type=int, default=300)
     parser.add_argument("--pg", help="Postgres admin URL (default: SQLite, the embedded default)")
@@ -252,8 +261,10 @@ def main() -> None:
             wait_port(listener_port, 90)
             floor_s, floor_cpu = measured(storescp.pid, lambda: floor(orthanc, uids, "DISCARD", args.associations))
             old_floor_s = floor(orthanc, uids, "DISCARD", args.associations, fair=False)
+            lists_s, lists_cpu = measured(storescp.pid, lambda: floor(orthanc, in_lists(uids, args.move_batch), "DISCARD",
+                                                                      args.associations))
             (sweep_s, cpu_s, states), sweep_listener_cpu = measured(listener.pid, lambda: sweep_retrieval(
-                tmp, orthanc, listener_port, db_url, args.studies, args.associations))
+                tmp, orthanc, listener_port, db_url, args.studies, args.associations, args.move_batch))
             # the floor once more after the sweep: the faster of the two counts (load on a shared machine varies)
             again_s, again_cpu = measured(storescp.pid, lambda: floor(orthanc, uids, "DISCARD", args.associations))
             if again_s < floor_s:
@@ -266,7 +277,8 @@ def main() -> None:
                            min_free_bytes=0, stable_after=3600, sync_writes=sync)
             listener = Proc(preread_argv("listen"), env, tmp / "listener2.log").start()
             wait_port(listener_port, 90)
-            listener_s, listener_cpu = measured(listener.pid, lambda: floor(orthanc, uids, "PREREAD", args.associations))
+            listener_s, listener_cpu = measured(listener.pid, lambda: floor(orthanc, in_lists(uids, args.move_batch), "PREREAD",
+                                                                            args.associations))
         finally:
             listener.kill()
             storescp.kill()
@@ -280,7 +292,7 @@ def main() -> None:
         return f"{seconds / n * 1000:.1f}"
 
     table = Table(title=f"archive sweep, {n} single-image CR studies ({SIZE}x{SIZE}), {args.associations} associations, "
-                        f"listener sync_writes={sync}")
+                        f"listener sync_writes={sync}, {args.move_batch} studies per sweep C-MOVE")
     for col in ("measure", "studies/min", "ratio to floor", "sweep CPU ms/study", "receiver CPU ms/study", "goal"):
         table.add_column(col, justify="right" if col != "measure" else "left")
     floor_rate, sweep_rate = n / floor_s * 60, n / sweep_s * 60
@@ -288,8 +300,11 @@ def main() -> None:
     old_rate = n / old_floor_s * 60
     table.add_row("  (for reference, the floor as first measured: new association per C-MOVE, Nagle on)",
                   f"{old_rate:.0f}", f"{old_rate / floor_rate:.2f}", "", "", "")
+    lists_rate = n / lists_s * 60
+    table.add_row(f"  (for reference, the floor in lists: {args.move_batch} studies per C-MOVE)", f"{lists_rate:.0f}",
+                  f"{lists_rate / floor_rate:.2f}", "", ms(lists_cpu), "")
     listener_rate = n / listener_s * 60
-    table.add_row("listener floor: the same C-MOVEs to preread listen", f"{listener_rate:.0f}",
+    table.add_row("listener floor: the sweep's C-MOVEs to preread listen", f"{listener_rate:.0f}",
                   f"{listener_rate / floor_rate:.2f}", "", ms(listener_cpu), "")
     table.add_row("sweep retrieval (query, count, C-MOVE to preread listen, check, release)", f"{sweep_rate:.0f}",
                   f"{sweep_rate / floor_rate:.2f}", ms(cpu_s), ms(sweep_listener_cpu), ">= 0.80; <= 20 ms")

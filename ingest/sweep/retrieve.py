@@ -1,8 +1,10 @@
-"""Bringing one study here: C-MOVE to our listener, C-GET, WADO-RS, or copying a folder's files.
+"""Bringing studies here: C-MOVE to our listener, C-GET, WADO-RS, or copying a folder's files.
 
 Every way ends with the instances in the listener's storage and index; the
 runner then counts what arrived (:func:`ledger.received_count`) rather than
-trusting the peer's sub-operation counts.
+trusting the peer's sub-operation counts. A DICOM source is asked for up to
+``move_batch`` studies in one request (a list of Study Instance UIDs), so the
+PACS opens one association to our listener for them instead of one per study.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import re
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import requests
@@ -47,11 +50,19 @@ class Retrieved:
     warning: int = 0
     status: int = QRStatus.SUCCESS
 
+    def __add__(self, other: Retrieved) -> Retrieved:
+        worst = other.status if code_to_category(other.status) == STATUS_FAILURE else self.status
+        return Retrieved(self.completed + other.completed, self.failed + other.failed, self.warning + other.warning,
+                         worst)
+
 
 class Retriever(Protocol):
-    """Brings one study's instances into the listener's storage and index."""
+    """Brings studies' instances into the listener's storage and index, up to ``batch`` studies a request."""
 
-    def retrieve(self, study_uid: str, assoc: Any = None) -> Retrieved: ...
+    #: Studies one :meth:`retrieve` call may take.
+    batch: int
+
+    def retrieve(self, study_uids: Sequence[str], assoc: Any = None) -> Retrieved: ...
 
     def association(self) -> AbstractContextManager[Any]: ...
 
@@ -64,10 +75,11 @@ def _subops(status: Dataset) -> tuple[int, int, int]:
     )
 
 
-def _identifier(study_uid: str) -> Dataset:
+def _identifier(study_uids: Sequence[str]) -> Dataset:
+    """A STUDY-level retrieve identifier; several UIDs make a list in the unique key."""
     ident = Dataset()
     ident.QueryRetrieveLevel = "STUDY"
-    ident.StudyInstanceUID = study_uid
+    ident.StudyInstanceUID = list(study_uids) if len(study_uids) > 1 else study_uids[0]
     return ident
 
 
@@ -82,6 +94,8 @@ class DicomRetrieve:
         #: C-MOVEs refused with nothing moved before any study moved (a PACS that does not know our AE title)
         self.refusals = 0
         self.moved_any = False
+        #: studies per request; drops to 1 when the PACS turns out to refuse a list of UIDs
+        self.batch = source.move_batch
 
     def association(self) -> AbstractContextManager[Association]:
         """One association for a study's count and its retrieve: Find, and Move or Get with storage roles."""
@@ -97,19 +111,54 @@ class DicomRetrieve:
         return associate(self.source, self.calling_ae, contexts, roles=roles,
                          handlers=[(evt.EVT_C_STORE, handle_store, [self.ctx])])
 
-    def retrieve(self, study_uid: str, assoc: Association | None = None) -> Retrieved:
-        """Run the C-MOVE or C-GET of one study to its final status (on ``assoc`` from :meth:`association`)."""
+    def retrieve(self, study_uids: Sequence[str], assoc: Association | None = None) -> Retrieved:
+        """Run the C-MOVE or C-GET of these studies to its final status (on ``assoc`` from :meth:`association`).
+
+        Several studies go in one request. If that request fails with nothing
+        moved, each study is asked for on its own; when every one of those
+        then moves, the PACS does not take lists, and this source is asked one
+        study per request from then on.
+        """
         if assoc is None:
             with self.association() as new:
-                return self.retrieve(study_uid, new)
+                return self.retrieve(study_uids, new)
         park_reactor(assoc)
-        if self.source.retrieve == Retrieve.C_GET:
-            responses = assoc.send_c_get(_identifier(study_uid), StudyRootQueryRetrieveInformationModelGet)
-            return self._final(responses, "C-GET")
-        responses = assoc.send_c_move(_identifier(study_uid), self.destination, StudyRootQueryRetrieveInformationModelMove)
-        return self._final(responses, "C-MOVE")
+        uids = list(study_uids)
+        what = "C-GET" if self.source.retrieve == Retrieve.C_GET else "C-MOVE"
+        if len(uids) == 1:
+            return self._final(self._send(uids, assoc), what)
+        listed = self._final(self._send(uids, assoc), what, judge=False)
+        if listed.completed or code_to_category(listed.status) != STATUS_FAILURE:
+            return listed
+        singles = Retrieved()
+        moved = 0
+        for uid in uids:
+            try:
+                one = self._final(self._send([uid], assoc), what)
+            except SourceUnavailable:
+                raise
+            except RuntimeError as exc:  # this study is counted short by the runner's check and retried
+                log.info("source %s: %s of one study failed: %s", self.source.name, what, exc)
+                continue
+            moved += bool(one.completed)
+            singles += one
+        if moved == len(uids):
+            self.batch = 1
+            log.warning(
+                "source %s: a %s of %d studies in one request failed (status 0x%04X) and each alone moved: asking "
+                "one study per request from now on (move_batch = 1 in [[sources]] skips the first try)",
+                self.source.name, what, len(uids), listed.status,
+            )
+        return singles
 
-    def _final(self, responses: Any, what: str) -> Retrieved:
+    def _send(self, uids: list[str], assoc: Association) -> Any:
+        if self.source.retrieve == Retrieve.C_GET:
+            return assoc.send_c_get(_identifier(uids), StudyRootQueryRetrieveInformationModelGet)
+        return assoc.send_c_move(_identifier(uids), self.destination, StudyRootQueryRetrieveInformationModelMove)
+
+    def _final(self, responses: Any, what: str, judge: bool = True) -> Retrieved:
+        """The last response's sub-operation counts; ``judge``: a failure with nothing moved raises (two such
+        before anything ever moved are a PACS refusing our AE title as the destination)."""
         result = Retrieved()
         for status, _ident in responses:
             if status is None or "Status" not in status:
@@ -121,6 +170,8 @@ class DicomRetrieve:
                 raise SourceUnavailable(self._destination_hint(code, "does not know"))
         if completed:
             self.moved_any = True
+        elif not judge:
+            return result
         elif what == "C-MOVE" and code_to_category(result.status) == STATUS_FAILURE and not self.moved_any:
             # Some PACS (Orthanc: 0xC000) answer a general failure for an unknown destination: two such refusals
             # before anything ever moved are taken as that, and stop the sweep with the fix.
@@ -161,6 +212,8 @@ def multipart_parts(content_type: str, body: bytes) -> list[bytes]:
 class WebRetrieve:
     """WADO-RS of a whole study, each part stored through the listener's path."""
 
+    batch = 1
+
     def __init__(self, source: DicomWebSource, ctx: IngestContext) -> None:
         self.source = source
         self.ctx = ctx
@@ -170,8 +223,14 @@ class WebRetrieve:
         """No association: each request takes one of the source's connection slots."""
         return nullcontext()
 
-    def retrieve(self, study_uid: str, assoc: Any = None) -> Retrieved:
-        """GET the study as multipart DICOM; store every part."""
+    def retrieve(self, study_uids: Sequence[str], assoc: Any = None) -> Retrieved:
+        """GET each study as multipart DICOM; store every part."""
+        total = Retrieved()
+        for uid in study_uids:
+            total += self._study(uid)
+        return total
+
+    def _study(self, study_uid: str) -> Retrieved:
         with slots(self.source.name, self.source.max_associations):
             try:
                 response = self.session.get(
@@ -198,6 +257,8 @@ class WebRetrieve:
 class FolderRetrieve:
     """Copies a folder study's files into the listener's storage and index."""
 
+    batch = 1
+
     def __init__(self, query: FolderQuery, ctx: IngestContext) -> None:
         self.query = query
         self.ctx = ctx
@@ -206,10 +267,10 @@ class FolderRetrieve:
         """No association for a folder."""
         return nullcontext()
 
-    def retrieve(self, study_uid: str, assoc: Any = None) -> Retrieved:
-        """Store every file of the study."""
+    def retrieve(self, study_uids: Sequence[str], assoc: Any = None) -> Retrieved:
+        """Store every file of the studies."""
         completed = failed = 0
-        for path in self.query.files(study_uid):
+        for path in (p for uid in study_uids for p in self.query.files(uid)):
             try:
                 store_part10(self.ctx, path.read_bytes())
                 completed += 1

@@ -205,15 +205,20 @@ class SweepRunner(threading.Thread):
         pending = list(rows)
         lock = threading.Lock()
 
+        workers = min(len(rows), self.source.max_associations)
+        # each lane asks for up to the retriever's batch in one request, and the lanes share the rows evenly
+        chunk = max(1, min(self.retriever.batch, -(-len(rows) // workers)))
+
         def worker() -> None:
-            """Take studies off the batch, all on one association (reopened if it breaks)."""
+            """Take studies off the batch, ``chunk`` a request, all on one association (reopened if it breaks)."""
             with ExitStack() as stack:
                 assoc: Any = None
                 while not self.stop_event.is_set():
                     with lock:
                         if not pending:
                             return
-                        row = pending.pop(0)
+                        taken = pending[:min(chunk, self.retriever.batch)]
+                        del pending[:len(taken)]
                     if assoc is None or not getattr(assoc, "is_established", True):
                         stack.close()
                         try:
@@ -221,12 +226,12 @@ class SweepRunner(threading.Thread):
                         except SourceUnavailable:
                             raise
                         except Exception as exc:  # cannot associate now: this attempt fails, the next batch retries
-                            self._failed_attempt(row[0], row[1], row[3] + 1, f"{type(exc).__name__}: {exc}"[:500])
+                            for row in taken:
+                                self._failed_attempt(row[0], row[1], row[3] + 1, f"{type(exc).__name__}: {exc}"[:500])
                             assoc = None
                             continue
-                    self._one(*row, assoc=assoc, later=later)
+                    self._some(taken, assoc=assoc, later=later)
 
-        workers = min(len(rows), self.source.max_associations)
         # the check and release after a retrieve run beside the next retrieve, not between two on an association
         checks: list[Future[None]] = []
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sweep{self.sweep_id}-check") as checker:
@@ -243,60 +248,77 @@ class SweepRunner(threading.Thread):
             ledger.set_sweep(session, self.sweep_id, counts=ledger.counts(session, self.sweep_id).as_dict(), note=None)
         return True
 
-    def _one(self, row_id: int, study_uid: str, expected: int | None, attempts: int, assoc: Any = None,
-             later: Callable[[Callable[[], None]], None] | None = None) -> None:
-        """Count (if the source gave no count), retrieve, check and release one study (on ``assoc``, the worker's
-        association).
+    def _some(self, rows: list[tuple[int, str, int | None, int]], assoc: Any = None,
+              later: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """Count (where the source gave no count), retrieve in one request, check and release these studies (on
+        ``assoc``, the worker's association).
 
-        Two short transactions per study: one records the count and the attempt
-        before the retrieve, one checks what arrived and releases (or not) after
-        it, handed to ``later`` when given (the batch's checker threads). The
-        count is the larger of the one taken before (the study query's, or
-        IMAGE level) and the instances the source said it sent or failed to send.
+        Two short transactions for the lot: one records the counts and the
+        attempts before the retrieve, one checks what arrived of each study and
+        releases it (or not) after, handed to ``later`` when given (the batch's
+        checker threads). A study's count is the larger of the one taken before
+        (the study query's, or IMAGE level) and, when it was retrieved alone, the
+        instances the source said it sent or failed to send.
         """
         if self.stop_event.is_set():
             return
+        # (row id, study UID, expected, attempts, whether it is fetched), as recorded before the retrieve
+        plans: list[tuple[int, str, int, int, bool]] = []
         raised = False
         try:
             with ExitStack() as stack:
-                counted = expected is None
-                if expected is None:
-                    if assoc is None:  # DICOM: one association for the count and the retrieve
-                        assoc = stack.enter_context(self.retriever.association())
-                    expected = len(self.query.count_instances(study_uid, assoc))
+                counts: dict[int, int] = {}
+                for row_id, study_uid, expected, _ in rows:
+                    if expected is None:
+                        if assoc is None:  # DICOM: one association for the counts and the retrieve
+                            assoc = stack.enter_context(self.retriever.association())
+                        counts[row_id] = len(self.query.count_instances(study_uid, assoc))
                 with self._writing() as session:
-                    _, received = ledger.received_count(session, study_uid)
-                    fetch = expected == 0 or received < expected
-                    values: dict[str, Any] = {"expected": expected} if counted else {}
-                    if fetch:
-                        attempts += 1
-                        values.update(state=str(SweepStudyState.RETRIEVING), attempts=attempts)
-                    elif counted:
-                        values["state"] = str(SweepStudyState.COUNTED)
-                    if values:
-                        ledger.set_study(session, row_id, **values)
-                if fetch:
-                    result = self.retriever.retrieve(study_uid, assoc)
+                    for row_id, study_uid, expected, attempts in rows:
+                        expected = counts.get(row_id, expected)
+                        assert expected is not None
+                        _, received = ledger.received_count(session, study_uid)
+                        fetch = expected == 0 or received < expected
+                        values: dict[str, Any] = {"expected": expected} if row_id in counts else {}
+                        if fetch:
+                            attempts += 1
+                            values.update(state=str(SweepStudyState.RETRIEVING), attempts=attempts)
+                        elif row_id in counts:
+                            values["state"] = str(SweepStudyState.COUNTED)
+                        if values:
+                            ledger.set_study(session, row_id, **values)
+                        plans.append((row_id, study_uid, expected, attempts, fetch))
+                fetched = [plan[1] for plan in plans if plan[4]]
+                if fetched:
+                    result = self.retriever.retrieve(fetched, assoc)
                     if result.failed:
-                        log.info("sweep %d: study %s: %d sub-operations failed at the source", self.sweep_id,
-                                 study_uid, result.failed)
+                        log.info("sweep %d: %d sub-operations failed at the source (%d studies)", self.sweep_id,
+                                 result.failed, len(fetched))
                     sent = result.completed + result.failed + result.warning
-                    if sent > expected:
-                        expected, raised = sent, True
+                    if len(plans) == 1 and sent > plans[0][2]:
+                        plans[0] = (*plans[0][:2], sent, *plans[0][3:])
+                        raised = True
         except SourceUnavailable:
             raise
         except Exception as exc:
-            self._failed_attempt(row_id, study_uid, attempts, f"{type(exc).__name__}: {exc}"[:500])
-            return
-        assert expected is not None
-        counted_expected = expected
+            # the studies being retrieved lose this attempt; those already complete here are still checked
+            recorded = {plan[0]: plan[3] for plan in plans}
+            fetching = {plan[0] for plan in plans if plan[4]} if plans else {row[0] for row in rows}
+            for row_id, study_uid, _, attempts in rows:
+                if row_id in fetching:
+                    self._failed_attempt(row_id, study_uid, recorded.get(row_id, attempts),
+                                         f"{type(exc).__name__}: {exc}"[:500])
+            plans = [plan for plan in plans if not plan[4]]
+            if not plans:
+                return
 
         def check() -> None:
             with self._writing() as session:
-                if raised:
-                    ledger.set_study(session, row_id, expected=counted_expected)
-                study_id, received = ledger.received_count(session, study_uid)
-                self._check(session, row_id, study_uid, study_id, counted_expected, received, attempts)
+                for row_id, study_uid, expected, attempts, _ in plans:
+                    if raised:
+                        ledger.set_study(session, row_id, expected=expected)
+                    study_id, received = ledger.received_count(session, study_uid)
+                    self._check(session, row_id, study_uid, study_id, expected, received, attempts)
 
         if later is None:
             check()

@@ -54,6 +54,10 @@ class DicomSource(_Source):
     move_destination: str | None = Field(None, max_length=16)
     #: Our calling AE title; default this listener's.
     calling_ae_title: str | None = Field(None, max_length=16)
+    #: Studies asked for in one C-MOVE or C-GET: a list of Study Instance UIDs in the identifier's unique key,
+    #: as the standard's retrieve allows; each study is still counted and checked on its own. A PACS that refuses
+    #: a list is detected and asked one study per request; 1 skips the list altogether.
+    move_batch: int = Field(10, ge=1, le=100, description="Studies asked for in one C-MOVE or C-GET request.")
     tls: TLSConfig | None = None
 
 

@@ -172,11 +172,11 @@ def test_an_instance_deleted_between_count_and_retrieve_makes_the_study_incomple
             image_counts.append(study_uid)
             return count(study_uid, assoc)
 
-        def delete_then_retrieve(study_uid: str, assoc: object = None) -> Retrieved:
-            if study_uid == uid and not deleted:  # after the count, before the first retrieve
+        def delete_then_retrieve(study_uids: list[str], assoc: object = None) -> Retrieved:
+            if uid in study_uids and not deleted:  # after the count, before the first retrieve
                 orthanc.delete_instance(doomed)
                 deleted.append(doomed)
-            return retrieve(study_uid, assoc)
+            return retrieve(study_uids, assoc)
 
         runner.query.count_instances = count_images  # type: ignore[method-assign]
         runner.retriever.retrieve = delete_then_retrieve  # type: ignore[method-assign]
@@ -228,11 +228,11 @@ def test_a_held_study_waits_for_its_release(tmp_path: Path, settings: Settings, 
         runner = SweepRunner(sweep_id, settings, source_for("dicom", orthanc), None, owner="test-owner")
         runner.step()  # the day's query: the study's row now holds it
         row = rows(url, sweep_id)[uid]
-        runner.retriever.retrieve(uid)  # instances arrive, but the sweep has not checked them yet
+        runner.retriever.retrieve([uid])  # instances arrive, but the sweep has not checked them yet
         later = datetime.now().astimezone() + timedelta(hours=1)
         with session_scope(url) as session:
             assert mark_stable(session, settings.stable_after, now=later) == [], "no stability flip while held"
-        runner._one(row.id, uid, None, 0)  # count, see both instances here, release
+        runner._some([(row.id, uid, None, 0)])  # count, see both instances here, release
     finally:
         orthanc.stop()
     with session_scope(url) as session:
@@ -326,3 +326,73 @@ def test_retrieves_overlap_up_to_the_association_cap_and_no_further(
     assert all(r.state == "released" for r in rows(url, sweep_id).values()) and len(together) == 4
     assert max(together) == associations, (
         f"with max_associations = {associations}, the listener received {max(together)} studies at once")
+
+
+def accepted_associations(listener: Listener) -> list[str]:
+    """The calling AE title of every association the listener accepts from now on (pynetdicom's server hook)."""
+    from pynetdicom import evt
+
+    callers: list[str] = []
+    assert listener.server is not None
+    listener.server.bind(evt.EVT_ACCEPTED, lambda event: callers.append(event.assoc.requestor.ae_title))
+    return callers
+
+
+def test_the_pacs_moves_several_studies_per_association_and_each_is_checked_on_its_own(
+    tmp_path: Path, settings: Settings, listener: Listener
+) -> None:
+    studies = [make_study(tmp_path / "in", DAY1, hour=6 + k) for k in range(6)]
+    orthanc = start_orthanc(tmp_path, settings)
+    try:
+        orthanc.upload([f for _, files in studies for f in files])
+        url = settings.effective_database_url
+        sweep_id = new_sweep(url, DAY1, DAY1)
+        source = source_for("dicom", orthanc, max_associations=1, move_batch=3, max_in_flight=10)
+        runner = SweepRunner(sweep_id, settings, source, None, owner="test-owner")
+        callers = accepted_associations(listener)
+        drive(runner)
+    finally:
+        orthanc.stop()
+    found = rows(url, sweep_id)
+    assert {uid: (r.state, r.expected, r.received, r.attempts) for uid, r in found.items()} == {
+        uid: ("released", len(files), len(files), 1) for uid, files in studies}
+    assert callers == [orthanc.aet, orthanc.aet], "six studies, three a C-MOVE: the PACS associated twice, not six times"
+    assert stored(url) == {uid: len(files) for uid, files in studies}
+
+
+def test_a_pacs_that_refuses_a_list_of_studies_is_asked_one_study_per_request(
+    tmp_path: Path, settings: Settings, listener: Listener
+) -> None:
+    from pydicom.dataset import Dataset
+
+    studies = [make_study(tmp_path / "in", DAY1, hour=6 + k) for k in range(4)]
+    orthanc = start_orthanc(tmp_path, settings)
+    try:
+        orthanc.upload([f for _, files in studies for f in files])
+        url = settings.effective_database_url
+        sweep_id = new_sweep(url, DAY1, DAY1)
+        source = source_for("dicom", orthanc, max_associations=1, move_batch=2, max_in_flight=10)
+        runner = SweepRunner(sweep_id, settings, source, None, owner="test-owner")
+        send = runner.retriever._send  # type: ignore[attr-defined]
+        lists: list[int] = []
+
+        def no_lists(uids: list[str], assoc: Any) -> Any:
+            """A PACS that answers a list of Study Instance UIDs with 0xC000 and moves nothing."""
+            if len(uids) > 1:
+                lists.append(len(uids))
+                refused = Dataset()
+                refused.Status = 0xC000
+                refused.NumberOfCompletedSuboperations = 0
+                return iter([(refused, None)])
+            return send(uids, assoc)
+
+        runner.retriever._send = no_lists  # type: ignore[attr-defined]
+        callers = accepted_associations(listener)
+        drive(runner)
+    finally:
+        orthanc.stop()
+    assert lists == [2], "after one refused list, each study is asked for alone"
+    assert runner.retriever.batch == 1
+    assert {r.state for r in rows(url, sweep_id).values()} == {"released"}
+    assert {r.attempts for r in rows(url, sweep_id).values()} == {1}, "no study lost an attempt to the refused list"
+    assert len(callers) == 4 and stored(url) == {uid: len(files) for uid, files in studies}
