@@ -39,6 +39,7 @@ class QRStatus(enum.IntEnum):
     OUT_OF_RESOURCES_SUBOPS = 0xA702
     MOVE_DESTINATION_UNKNOWN = 0xA801
     SUBOPS_FAILED_WARNING = 0xB000
+    UNABLE_TO_PROCESS = 0xC000
 
 
 #: Statuses meaning "a result limit was hit": the query is repeated over smaller time spans.

@@ -338,26 +338,37 @@ def accepted_associations(listener: Listener) -> list[str]:
     return callers
 
 
-def test_the_pacs_moves_several_studies_per_association_and_each_is_checked_on_its_own(
-    tmp_path: Path, settings: Settings, listener: Listener
-) -> None:
-    studies = [make_study(tmp_path / "in", DAY1, hour=6 + k) for k in range(6)]
+def sweep_one_day(tmp_path: Path, settings: Settings, listener: Listener, studies: int,
+                  prepare: Any = None, **source: object) -> tuple[str, int, SweepRunner, dict[str, int], list[str], str]:
+    """``studies`` one-image studies of DAY1 in Orthanc, swept to the end by one runner (``prepare(runner)`` first):
+    (database URL, sweep id, runner, instances per study, calling AE of each association the listener accepted,
+    Orthanc's AE title)."""
+    made = [make_study(tmp_path / "in", DAY1, hour=6 + k) for k in range(studies)]
     orthanc = start_orthanc(tmp_path, settings)
     try:
-        orthanc.upload([f for _, files in studies for f in files])
+        orthanc.upload([f for _, files in made for f in files])
         url = settings.effective_database_url
         sweep_id = new_sweep(url, DAY1, DAY1)
-        source = source_for("dicom", orthanc, max_associations=1, move_batch=3, max_in_flight=10)
-        runner = SweepRunner(sweep_id, settings, source, None, owner="test-owner")
+        runner = SweepRunner(sweep_id, settings, source_for("dicom", orthanc, **source), None, owner="test-owner")
+        if prepare is not None:
+            prepare(runner)
         callers = accepted_associations(listener)
         drive(runner)
     finally:
         orthanc.stop()
+    return url, sweep_id, runner, {uid: len(files) for uid, files in made}, callers, orthanc.aet
+
+
+def test_the_pacs_moves_several_studies_per_association_and_each_is_checked_on_its_own(
+    tmp_path: Path, settings: Settings, listener: Listener
+) -> None:
+    url, sweep_id, _, sizes, callers, pacs = sweep_one_day(
+        tmp_path, settings, listener, 6, max_associations=1, move_batch=3, max_in_flight=10)
     found = rows(url, sweep_id)
     assert {uid: (r.state, r.expected, r.received, r.attempts) for uid, r in found.items()} == {
-        uid: ("released", len(files), len(files), 1) for uid, files in studies}
-    assert callers == [orthanc.aet, orthanc.aet], "six studies, three a C-MOVE: the PACS associated twice, not six times"
-    assert stored(url) == {uid: len(files) for uid, files in studies}
+        uid: ("released", n, n, 1) for uid, n in sizes.items()}
+    assert callers == [pacs, pacs], "six studies, three a C-MOVE: the PACS associated twice, not six times"
+    assert stored(url) == sizes
 
 
 def test_a_pacs_that_refuses_a_list_of_studies_is_asked_one_study_per_request(
@@ -365,34 +376,29 @@ def test_a_pacs_that_refuses_a_list_of_studies_is_asked_one_study_per_request(
 ) -> None:
     from pydicom.dataset import Dataset
 
-    studies = [make_study(tmp_path / "in", DAY1, hour=6 + k) for k in range(4)]
-    orthanc = start_orthanc(tmp_path, settings)
-    try:
-        orthanc.upload([f for _, files in studies for f in files])
-        url = settings.effective_database_url
-        sweep_id = new_sweep(url, DAY1, DAY1)
-        source = source_for("dicom", orthanc, max_associations=1, move_batch=2, max_in_flight=10)
-        runner = SweepRunner(sweep_id, settings, source, None, owner="test-owner")
+    from preread.ingest.sweep.dimse import QRStatus
+
+    lists: list[int] = []
+
+    def refuse_lists(runner: SweepRunner) -> None:
+        """The PACS answers a list of Study Instance UIDs with Unable to Process and moves nothing."""
         send = runner.retriever._send  # type: ignore[attr-defined]
-        lists: list[int] = []
 
         def no_lists(uids: list[str], assoc: Any) -> Any:
-            """A PACS that answers a list of Study Instance UIDs with 0xC000 and moves nothing."""
             if len(uids) > 1:
                 lists.append(len(uids))
                 refused = Dataset()
-                refused.Status = 0xC000
+                refused.Status = QRStatus.UNABLE_TO_PROCESS
                 refused.NumberOfCompletedSuboperations = 0
                 return iter([(refused, None)])
             return send(uids, assoc)
 
         runner.retriever._send = no_lists  # type: ignore[attr-defined]
-        callers = accepted_associations(listener)
-        drive(runner)
-    finally:
-        orthanc.stop()
+
+    url, sweep_id, runner, sizes, callers, _ = sweep_one_day(
+        tmp_path, settings, listener, 4, prepare=refuse_lists, max_associations=1, move_batch=2, max_in_flight=10)
     assert lists == [2], "after one refused list, each study is asked for alone"
     assert runner.retriever.batch == 1
     assert {r.state for r in rows(url, sweep_id).values()} == {"released"}
     assert {r.attempts for r in rows(url, sweep_id).values()} == {1}, "no study lost an attempt to the refused list"
-    assert len(callers) == 4 and stored(url) == {uid: len(files) for uid, files in studies}
+    assert len(callers) == 4 and stored(url) == sizes
