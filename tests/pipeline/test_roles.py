@@ -8,6 +8,8 @@ task, and lets studies wait in RENDERED until a ready worker appears.
 
 from __future__ import annotations
 
+import re
+
 import subprocess
 import time
 from pathlib import Path
@@ -56,11 +58,17 @@ def test_listen_and_worker_without_a_coordinator_draft_a_study(
         except AssertionError:
             raise AssertionError(pipe.logs()) from None
         seen = {(row.role, row.state) for row in heartbeats(pg_url)}
+        wait_until(lambda: any(float((row.details or {}).get("drafts_per_minute") or 0) > 0
+                               for row in heartbeats(pg_url) if row.role == "worker"),
+                   30, what="the infer worker's heartbeat counting its draft")
         shown = subprocess.run(preread_argv("status"), env=pipe.env, capture_output=True, text=True, timeout=120)
     assert ("listener", "ready") in seen and ("worker", "ready") in seen, seen
     assert shown.returncode == 0, shown.stderr
     assert "no coordinator seen in the last 60 s" in shown.stdout, shown.stdout
     assert "no worker for the" not in shown.stdout, "a worker of every queue was seen"
+    assert re.search(r"^worker \S+ on cpu: model \S+, batch occupancy \d+%, 1\.0 drafts/min$", shown.stdout, re.MULTILINE), (
+        "the infer worker (PREREAD_DEVICE=auto, no GPU here) is shown on the device it runs on, with its batches "
+        f"and the one draft of the last minute:\n{shown.stdout}")
 
 
 def test_infer_worker_without_its_model_is_not_ready_and_the_study_waits(

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -49,6 +50,8 @@ class HeartbeatWriter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
+        #: called before each beat for details that change while the process runs (an infer worker's drafts/min)
+        self.refresh: Callable[[], dict[str, Any]] | None = None
 
     def start(self) -> HeartbeatWriter:
         """Keep the row fresh from a daemon thread (its first beat at once)."""
@@ -73,7 +76,14 @@ class HeartbeatWriter:
 
     def beat(self) -> bool:
         """Upsert the row; False (logged once) while the database cannot be reached."""
+        fresh: dict[str, Any] = {}
+        if self.refresh is not None:
+            try:
+                fresh = self.refresh()
+            except Exception as exc:  # a detail that cannot be read must not stop the beat
+                log.debug("heartbeat details not refreshed: %s", exc)
         with self._lock:
+            self.details.update(fresh)
             values: dict[str, Any] = dict(queues=self.queues, state=str(self.state), reason=self.reason,
                                           details=dict(self.details), last_seen=utcnow())
         try:

@@ -131,11 +131,18 @@ def _wait_for_model(consumer: Any, settings: Settings, beat: HeartbeatWriter, kn
         checked_at = utcnow()
         problem = readiness_problem(settings)
         if problem is None:
-            beat.mark(ProcessState.READY, None, model=settings.model, device=settings.device)
+            from preread.worker.inference.engine import get_engine
+            from preread.worker.inference.model import resolve_device
+            from preread.worker.pipeline.gpus import worker_details
+
+            device = str(resolve_device(settings.device))  # what "auto" became, for the log and `preread status`
+            engine = get_engine(settings)  # loaded by the readiness check: this process's (threads pool) engine
+            beat.refresh = lambda: worker_details(settings.model, device, engine)
+            beat.mark(ProcessState.READY, None)
             with _state_lock:
                 _state["watching"] = False
             consumer.call_soon(consumer.add_task_queue, INFER)
-            log.info("model %s ready on %s: consuming the infer queue", settings.model, settings.device)
+            log.info("model %s ready on %s: consuming the infer queue", settings.model, device)
             return
         if problem != said:
             log.error("not ready for infer: %s", problem)
