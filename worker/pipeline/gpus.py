@@ -2,7 +2,7 @@
 
 The supervisor starts ``preread worker`` once per device with ``CUDA_VISIBLE_DEVICES``
 naming that one GPU, so each child sees a single ``cuda:0`` and loads the model once
-(at worker start, ``tasks._warm_model``). A child that dies is started again after a
+(its readiness check, ``lifecycle._wait_for_model``, loads the process's engine). A child that dies is started again after a
 backoff that doubles while it keeps dying young (each restart logged with its exit
 status); one that dies young ``MAX_QUICK_DEATHS`` times in a row is given up on,
 loudly, and the supervisor exits non-zero once no child is left. SIGTERM/SIGINT stop
