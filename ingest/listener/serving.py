@@ -34,6 +34,10 @@ LOGGER = logging.getLogger("preread.ingest.serve")
 DRAIN_SECONDS = 10.0
 #: Least seconds between restarts of a crashed worker.
 RESTART_BACKOFF = 1.0
+#: Longest the main thread blocks before it runs Python again. The kernel may hand a stop signal to
+#: any thread; CPython then runs the handler only when the main thread next executes bytecode, which
+#: a main thread blocked in ``Event.wait()`` without a timeout never does.
+SIGNAL_CHECK_S = 0.5
 #: Signals that stop a listener cleanly (SIGHUP: its terminal closed, or ``preread run`` asked).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -121,7 +125,8 @@ def run_listener(settings: Settings, *, reuse_port: bool = False, stop: threadin
             restore()
         raise
     try:
-        stop.wait()
+        while not stop.wait(SIGNAL_CHECK_S):  # see SIGNAL_CHECK_S
+            pass
     finally:
         listener.stop(DRAIN_SECONDS)
         if restore:
@@ -152,7 +157,7 @@ def serve(settings: Settings, workers: int = 1, log_level: str = "INFO") -> int:
     )
     try:
         supervisor.start()
-        while not stop.wait(0.5):
+        while not stop.wait(SIGNAL_CHECK_S):
             supervisor.poll()
     finally:
         supervisor.stop(DRAIN_SECONDS + 5)
