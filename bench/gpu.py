@@ -14,6 +14,11 @@ Qwen's special tokens), then on the same synthetic studies (2 images each, a
   shared prefix (images and shared prompt prefilled once per study, each
   question a short suffix on that cache);
 
+the two baselines (the seed's way, full-row probes) run the vision tower on
+transformers' own sdpa path (one attention call per window), as before; the
+other phases on the worker's (``worker/inference/vision_attention.py``: one
+call per window length), as ``load_model`` sets it up;
+
 and prints one table with studies/hour, probe questions/s and peak GPU memory,
 with ratios against the seed's way and the full-row probes of the same run.
 Each phase stops at its time budget and reports what it completed, so the whole
@@ -45,6 +50,7 @@ import torch  # noqa: E402
 
 from preread.worker.inference.engine import Engine, GenerationOptions, StudyContext  # noqa: E402
 from preread.worker.inference.model import LoadedModel, dtype_for, load_model  # noqa: E402
+from preread.worker.inference.vision_attention import use_windowed_vision_attention  # noqa: E402
 
 #: Qwen2.5-VL-3B-Instruct's dimensions (InfiMed-SFT/RL-3B share them).
 QWEN25_VL_3B_TEXT = {
@@ -128,6 +134,7 @@ def build_real_dims(device: torch.device, min_pixels: int, max_pixels: int, laye
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     model = model.eval()
+    use_windowed_vision_attention(model)  # as load_model does
     model.generation_config = GenerationConfig(
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], do_sample=False
     )
@@ -155,6 +162,14 @@ def study_images(index: int, side: int) -> list[Any]:
         noise = rng.normal(0, 10, (side, side)).astype(np.float32)
         images.append(Image.fromarray((base + noise).clip(0, 255).astype(np.uint8), mode="L").convert("RGB"))
     return images
+
+
+def vision_path(loaded: LoadedModel, library: bool) -> None:
+    """The vision tower on transformers' sdpa path (the baselines) or on the worker's (the other phases)."""
+    if library:
+        loaded.model.config.vision_config._attn_implementation = "sdpa"
+    else:
+        use_windowed_vision_attention(loaded.model)
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -289,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    # warm-up (not timed): CUDA kernels, allocator, the batcher's thread
+    # warm-up (not timed): CUDA kernels, allocator, the batcher's thread; both vision paths
+    vision_path(loaded, library=True)
     seed_way(loaded, prompt, images[0], 4)
+    engine.probe(images[0], CTX)
+    vision_path(loaded, library=False)
     engine.draft_many([(images[0], CTX)], GenerationOptions(constrained=False, max_new_tokens=4))
     engine.probe(images[0], CTX)
     engine.shared_prefix = True
@@ -314,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     remaining = lambda: hard_deadline - time.perf_counter()  # noqa: E731
 
     # 1. the seed's way: one generate per study, sequentially
+    vision_path(loaded, library=True)
     reset_peak(device)
     seed_deadline = time.perf_counter() + min(args.seed_limit, remaining() * 0.3) if "seed" in phases else 0.0
     start, done, tokens = time.perf_counter(), 0, []
@@ -340,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if static is not None and "static" in phases:
         drafters.append(("static cache" + (", compiled" if static.compile_decode else ""), static))
     batch_rates: dict[str, float] = {}
+    vision_path(loaded, library=False)
     for k, (label, eng) in enumerate(drafters):
         reset_peak(device)
         first_batch = len(eng._batcher.batch_sizes)
@@ -364,10 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     questions = len(engine.prompts.probe_questions(CTX))
     probe_threads = max(2, 2 * args.probe_rows // max(1, questions))
     probe_rates: list[float] = []
-    probe_phases = [("1 full row per question", False), ("shared prefix", True)] if "probes" in phases else []
+    probe_phases = ([("full rows, library vision", False),
+                     ("shared prefix, windowed vision", True)] if "probes" in phases else [])
     for k, (label, shared) in enumerate(probe_phases):
         reset_peak(device)
         engine.shared_prefix = shared
+        vision_path(loaded, library=not shared)
         probe_deadline = time.perf_counter() + max(5.0, min(args.probe_limit, (remaining() - 5) / (2 - k)))
         done_p, probe_s, _ = run_threads(n, probe_threads, probe_deadline, lambda i: len(engine.probe(images[i], CTX)))
         sync(device)

@@ -2,7 +2,9 @@
 
 ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` with bf16 on CUDA
 (float32 on CPU) and sdpa attention, ``AutoProcessor.from_pretrained`` with
-the pixel budget. The loaded pair is cached per (model, revision, device,
+the pixel budget. The vision tower's window attention then runs batched by
+window length (:mod:`~preread.worker.inference.vision_attention`: the same
+arithmetic in a handful of calls per layer instead of one per window). The loaded pair is cached per (model, revision, device,
 min/max pixels) so every caller in a worker process shares one copy.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from preread.schemas.settings import Settings
+from preread.worker.inference.vision_attention import use_windowed_vision_attention
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ def _load_weights(model_id: str, revision: str | None, dev: torch.device) -> tup
         output_loading_info=True,
     )
     model, info = loaded
+    use_windowed_vision_attention(model)
     return model.to(dev).eval(), dict(info)
 
 
