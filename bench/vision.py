@@ -26,22 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from preread.worker.inference import vision_attention  # noqa: E402
+from bench.gpu import QWEN25_VL_3B_VISION, sync  # noqa: E402  (the same dimensions as the whole-model bench)
 from preread.worker.inference.model import dtype_for  # noqa: E402
-
-QWEN25_VL_3B_VISION = {
-    "depth": 32,
-    "hidden_size": 1280,
-    "intermediate_size": 3420,
-    "num_heads": 16,
-    "out_hidden_size": 2048,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "window_size": 112,
-    "fullatt_block_indexes": [7, 15, 23, 31],
-    "hidden_act": "silu",
-    "in_channels": 3,
-}
 
 
 def build_tower(device: torch.device, layers: int) -> Any:
@@ -68,11 +54,6 @@ def study_inputs(device: torch.device, side: int, images: int) -> tuple[torch.Te
     generator = torch.Generator(device="cpu").manual_seed(1)
     pixels = torch.randn(patches, 3 * 2 * 14 * 14, generator=generator).to(device, dtype_for(device))
     return pixels, grid
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def encode(tower: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
